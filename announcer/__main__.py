@@ -1,0 +1,3 @@
+from announcer.cli import main
+
+main()

@@ -1,0 +1,69 @@
+"""Typed, strict reading of a check's options from the TOML file."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from announcer.errors import ConfigError
+
+
+class Options:
+    """Reads each option once, checks its type, and rejects unknown keys."""
+
+    def __init__(self, kind: str, options: Mapping[str, Any]) -> None:
+        self._kind = kind
+        self._options = dict(options)
+        self._options.pop("spec", None)
+
+    def _take(self, name: str) -> Any:
+        return self._options.pop(name, None)
+
+    def _wrong(self, name: str, wanted: str) -> ConfigError:
+        return ConfigError(f"{self._kind} check option {name!r} must be {wanted}")
+
+    def string(self, name: str) -> str | None:
+        value = self._take(name)
+        if value is not None and not isinstance(value, str):
+            raise self._wrong(name, "a string")
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self._take(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self._wrong(name, "true or false")
+        return value
+
+    def string_map(self, name: str) -> dict[str, str]:
+        value = self._take(name)
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise self._wrong(name, "a table of strings")
+        return dict(value)
+
+    def readable_file(self, name: str) -> Path | None:
+        value = self.string(name)
+        if value is None:
+            return None
+        path = Path(value)
+        try:
+            path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(
+                f"{self._kind} check option {name!r}: cannot read {value}: {exc.strerror}"
+            ) from None
+        return path
+
+    def raw(self, name: str) -> Any:
+        return self._take(name)
+
+    def done(self) -> None:
+        if self._options:
+            unknown = ", ".join(sorted(self._options))
+            raise ConfigError(f"unknown {self._kind} check option(s): {unknown}")

@@ -1,0 +1,136 @@
+"""HTTP(S) check: a request whose answer must have an accepted status."""
+
+from __future__ import annotations
+
+import re
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Self
+
+import httpx
+
+from announcer.checks import CheckResult
+from announcer.checks._options import Options
+from announcer.errors import ConfigError
+from announcer.redact import redact_url
+
+BODY_LIMIT = 64 * 1024  # bytes of the body read to match against
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "OPTIONS", "PATCH", "DELETE"})
+
+
+def parse_statuses(value: Any) -> tuple[tuple[int, int], ...]:
+    """``[200, "300-399"]`` -> ((200, 200), (300, 399)); None -> below 400."""
+    if value is None:
+        return ((100, 399),)  # what `curl -f` accepts
+    items = value if isinstance(value, list) else [value]
+    ranges: list[tuple[int, int]] = []
+    for item in items:
+        low, high = _status_range(item)
+        if not 100 <= low <= high <= 599:
+            raise ConfigError(f"http check status {item!r} is not within 100-599")
+        ranges.append((low, high))
+    return tuple(ranges)
+
+
+def _status_range(item: Any) -> tuple[int, int]:
+    if isinstance(item, int) and not isinstance(item, bool):
+        return item, item
+    if isinstance(item, str):
+        low, sep, high = item.partition("-")
+        try:
+            return int(low), int(high if sep else low)
+        except ValueError:
+            pass
+    raise ConfigError(f"http check status {item!r} must be a code like 200 or a range like '200-299'")
+
+
+@dataclass(frozen=True)
+class HttpCheck:
+    url: str
+    method: str = "GET"
+    headers: Mapping[str, str] = field(default_factory=dict)
+    statuses: tuple[tuple[int, int], ...] = ((100, 399),)
+    body: str | None = None
+    body_regex: re.Pattern[str] | None = None
+    verify: bool = True
+    ca_file: Path | None = None
+
+    @classmethod
+    def from_spec(cls, spec: str, options: Mapping[str, Any]) -> Self:
+        url = httpx.URL(spec)
+        if not url.host:
+            raise ConfigError(f"http check {redact_url(spec)!r} has no host")
+        opts = Options("http", options)
+        method = (opts.string("method") or "GET").upper()
+        if method not in METHODS:
+            raise ConfigError(f"http check method {method!r} is not one of {sorted(METHODS)}")
+        regex = opts.string("body_regex")
+        try:
+            compiled = re.compile(regex) if regex is not None else None
+        except re.error as exc:
+            raise ConfigError(f"http check body_regex {regex!r} is invalid: {exc}") from None
+        check = cls(
+            url=spec,
+            method=method,
+            headers=opts.string_map("headers"),
+            statuses=parse_statuses(opts.raw("status")),
+            body=opts.string("body"),
+            body_regex=compiled,
+            verify=opts.boolean("verify", default=True),
+            ca_file=opts.readable_file("ca_file"),
+        )
+        opts.done()
+        return check
+
+    @property
+    def name(self) -> str:
+        return redact_url(self.url)
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        password = httpx.URL(self.url).password
+        return (password,) if password else ()
+
+    @cached_property
+    def _verify(self) -> ssl.SSLContext | bool:
+        # Built once: loading the CA bundle costs more than the request itself.
+        if not self.verify or not self.url.lower().startswith("https:"):
+            return False  # plain HTTP: spare the cost of loading a CA bundle
+        if self.ca_file is not None:
+            return ssl.create_default_context(cafile=str(self.ca_file))
+        return ssl.create_default_context()
+
+    def _accepted(self, status: int) -> bool:
+        return any(low <= status <= high for low, high in self.statuses)
+
+    async def __call__(self) -> CheckResult:
+        # A fresh connection each round: the check proves a new client gets in.
+        async with (
+            httpx.AsyncClient(verify=self._verify, trust_env=False) as client,
+            client.stream(self.method, self.url, headers=dict(self.headers)) as response,
+        ):
+            status = response.status_code
+            if not self._accepted(status):
+                return CheckResult(False, f"HTTP {status}")
+            if self.body is None and self.body_regex is None:
+                return CheckResult(True, f"HTTP {status}")
+            text = (await _read_limited(response)).decode(response.encoding or "utf-8", "replace")
+        if self.body is not None and self.body not in text:
+            return CheckResult(False, f"HTTP {status}, body lacks {self.body!r}")
+        if self.body_regex is not None and not self.body_regex.search(text):
+            return CheckResult(False, f"HTTP {status}, body does not match {self.body_regex.pattern!r}")
+        return CheckResult(True, f"HTTP {status}, body matches")
+
+
+async def _read_limited(response: httpx.Response) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= BODY_LIMIT:
+            break
+    return b"".join(chunks)[:BODY_LIMIT]

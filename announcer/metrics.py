@@ -1,0 +1,89 @@
+"""Prometheus metrics on an injected registry.
+
+Labels carry only bounded values: configured check names (secrets masked),
+etcd operation names, outcomes and reasons from fixed sets.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.gc_collector import GCCollector
+
+from announcer import __version__
+
+CHECK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+WITHDRAW_REASONS = ("check_failure", "shutdown", "lease_lost")
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = True) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        if process:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            GCCollector(registry=r)
+        Info("announcer_build", "announcer build information", registry=r).info(
+            {"version": __version__, "python_version": platform.python_version()}
+        )
+        self.check_runs = Counter(
+            "announcer_check_runs", "Check runs by check and result", ["check", "result"], registry=r
+        )
+        self.check_duration = Histogram(
+            "announcer_check_duration_seconds", "Time one check took", ["check"],
+            buckets=CHECK_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.check_round_overruns = Counter(
+            "announcer_check_round_overruns", "Check rounds that started late", registry=r
+        )
+        self.healthy = Gauge("announcer_service_healthy", "1 while the service passes its checks", registry=r)
+        self.registered = Gauge("announcer_registered", "1 while the record is in etcd", registry=r)
+        self.announcements = Counter(
+            "announcer_announcements", "Times the record was put into etcd", registry=r
+        )
+        self.withdrawals = Counter(
+            "announcer_withdrawals", "Times the record left etcd, by reason", ["reason"], registry=r
+        )
+        for reason in WITHDRAW_REASONS:
+            self.withdrawals.labels(reason)
+        self.etcd_requests = Counter(
+            "announcer_etcd_requests", "etcd requests by operation and outcome",
+            ["operation", "outcome"], registry=r,
+        )  # fmt: skip
+        self.etcd_duration = Histogram(
+            "announcer_etcd_request_duration_seconds", "etcd request time by operation",
+            ["operation"], buckets=CHECK_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.etcd_up = Gauge("announcer_etcd_reachable", "1 while etcd answers", registry=r)
+        self.lease_grants = Counter("announcer_lease_grants", "Leases granted", registry=r)
+        self.lease_ttl = Gauge(
+            "announcer_lease_ttl_seconds", "TTL etcd reported at the last keepalive", registry=r
+        )
+        self._last_keepalive: float | None = None
+        Gauge(
+            "announcer_lease_keepalive_age_seconds",
+            "Seconds since the last successful lease keepalive (-1: none yet)",
+            registry=r,
+        ).set_function(self._keepalive_age)
+
+    def observe_etcd(self, operation: str, outcome: str, seconds: float) -> None:
+        self.etcd_requests.labels(operation, outcome).inc()
+        self.etcd_duration.labels(operation).observe(seconds)
+        if operation == "keepalive" and outcome == "ok":
+            self._last_keepalive = time.monotonic()
+
+    def _keepalive_age(self) -> float:
+        if self._last_keepalive is None:
+            return -1.0
+        return time.monotonic() - self._last_keepalive
