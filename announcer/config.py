@@ -27,7 +27,11 @@ from announcer.registrar.etcd_client import EtcdSettings
 
 DEFAULT_KEY = "/services/{service}/{ip}:{port}"
 DEFAULT_CHECK = "http"
-SHORTHANDS = {"http": "http://{ip}:{port}/", "tcp": "tcp://{ip}:{port}"}
+SHORTHANDS = {
+    "http": "http://{ip}:{port}/",
+    "https": "https://{ip}:{port}/",
+    "tcp": "tcp://{ip}:{port}",
+}
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

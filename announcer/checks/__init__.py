@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from announcer.errors import ConfigError
+from announcer.errors import ConfigError, describe
 from announcer.redact import scrub
 
 
@@ -100,25 +100,13 @@ async def run_check(check: Check, timeout: float) -> CheckResult:
     except TimeoutError:
         return CheckResult(False, f"timed out after {timeout:g}s", time.perf_counter() - started)
     except Exception as exc:  # noqa: BLE001 - any failure of a check is a failed check
-        detail = describe_failure(exc)
+        detail = describe(exc)
         ok = False
     else:
         ok, detail = result.ok, result.detail
     # A check may name the secrets it holds; none of them may reach a detail.
     detail = scrub(detail, getattr(check, "secrets", ()))
     return CheckResult(ok, detail, time.perf_counter() - started)
-
-
-def describe_failure(exc: BaseException) -> str:
-    """A cause a person can act on, from an exception and the ones behind it."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ConnectionRefusedError):
-            return "connection refused"
-        if isinstance(seen, TimeoutError):
-            return "timed out"
-        seen = seen.__cause__ or seen.__context__
-    return str(exc) or type(exc).__name__
 
 
 async def run_round(checks: list[Check], timeout: float) -> list[CheckResult]:

@@ -20,6 +20,8 @@ from typing import Any
 
 import httpx
 
+from announcer.errors import describe
+
 # gRPC status codes that etcd's gateway puts in its error bodies.
 INVALID_ARGUMENT = 3
 NOT_FOUND = 5
@@ -221,7 +223,7 @@ class EtcdClient:
         except httpx.TimeoutException:
             raise EtcdUnavailable(f"{endpoint}: no answer within {self._settings.timeout:g}s") from None
         except httpx.TransportError as exc:
-            raise EtcdUnavailable(f"{endpoint}: {_describe(exc)}") from None
+            raise EtcdUnavailable(f"{endpoint}: {describe(exc)}") from None
         try:
             answer = response.json()
         except ValueError:
@@ -229,13 +231,6 @@ class EtcdClient:
         if not isinstance(answer, dict):
             answer = {"error": str(answer)[:200]}
         return response.status_code, answer
-
-
-def _describe(exc: httpx.TransportError) -> str:
-    text = str(exc) or type(exc).__name__
-    if isinstance(exc, httpx.ConnectError) and "refused" in text.lower():
-        return "connection refused"
-    return text
 
 
 def _error_from(endpoint: str, status: int, answer: dict[str, Any]) -> EtcdError:

