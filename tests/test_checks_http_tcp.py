@@ -37,7 +37,8 @@ async def test_http_status_ranges_and_body(http_service: HttpService) -> None:
     http_service.status = 200
     assert (await run(http_service.url, body="draining")).ok
     lacking = await run(http_service.url, body="serving")
-    assert not lacking.ok and "body lacks 'serving'" in lacking.detail
+    assert not lacking.ok
+    assert "body lacks 'serving'" in lacking.detail
     assert (await run(http_service.url, body_regex=r'"status":\s*"\w+"')).ok
     assert not (await run(http_service.url, body_regex=r"^ok$")).ok
 
@@ -70,7 +71,8 @@ async def test_refused_fails_fast() -> None:
     port = free_port()
     for spec in (f"http://127.0.0.1:{port}/", f"tcp://127.0.0.1:{port}"):
         result = await run(spec, timeout=5)
-        assert not result.ok and result.detail == "connection refused"
+        assert not result.ok
+        assert result.detail == "connection refused"
         assert result.duration < 5  # failed on the refusal, not on the time limit
 
 
@@ -79,12 +81,14 @@ async def test_silent_listener_times_out_without_delaying_others(http_service: H
     try:
         checks = [build_check(f"http://127.0.0.1:{silent.port}/", {}), build_check(http_service.url, {})]
         hung, fine = await run_round(checks, timeout=0.3)
-        assert not hung.ok and hung.detail == "timed out after 0.3s"
+        assert not hung.ok
+        assert hung.detail == "timed out after 0.3s"
         assert fine.ok
         # the round ran its checks side by side: the good one did not wait for the hung one
         assert fine.duration < hung.duration
         tcp = await run(f"tcp://127.0.0.1:{silent.port}", timeout=0.3, send="hello", expect="hi")
-        assert not tcp.ok and tcp.detail == "timed out after 0.3s"
+        assert not tcp.ok
+        assert tcp.detail == "timed out after 0.3s"
     finally:
         silent.close()
 
@@ -116,7 +120,8 @@ async def test_tcp_connect_send_expect(echo_server: int) -> None:
     assert (await run(url)).ok
     assert (await run(url, send="PING\r\n", expect="+PONG")).ok
     wrong = await run(url, send="HELLO\r\n", expect="+PONG")
-    assert not wrong.ok and "closed before answering" in wrong.detail
+    assert not wrong.ok
+    assert "closed before answering" in wrong.detail
 
 
 async def test_https_with_ca_file_and_verify_off(tmp_path: Any) -> None:
@@ -144,7 +149,8 @@ async def test_https_with_ca_file_and_verify_off(tmp_path: Any) -> None:
     try:
         assert (await run(url, ca_file=str(ca_file))).ok
         untrusted = await run(url)
-        assert not untrusted.ok and "CERTIFICATE_VERIFY_FAILED" in untrusted.detail
+        assert not untrusted.ok
+        assert "CERTIFICATE_VERIFY_FAILED" in untrusted.detail
         assert (await run(url, verify=False)).ok
     finally:
         server.shutdown()
@@ -174,7 +180,8 @@ async def test_a_crashing_check_is_a_failed_result() -> None:
             raise RuntimeError("boom")
 
     result = await run_check(Broken(), 1)
-    assert not result.ok and result.detail == "boom"
+    assert not result.ok
+    assert result.detail == "boom"
 
 
 async def test_secrets_never_reach_a_detail() -> None:
@@ -186,7 +193,8 @@ async def test_secrets_never_reach_a_detail() -> None:
             raise RuntimeError("login failed for postgresql://u:s3cret@h/db")
 
     result = await run_check(Leaky(), 1)
-    assert "s3cret" not in result.detail and "***" in result.detail
+    assert "s3cret" not in result.detail
+    assert "***" in result.detail
 
 
 async def test_cancelled_round_propagates() -> None:

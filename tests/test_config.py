@@ -29,7 +29,8 @@ def test_defaults() -> None:
     assert cfg.etcd.endpoints == ("http://127.0.0.1:2379",)
     assert cfg.shutdown_timeout == 5.0
     [check] = cfg.checks
-    assert isinstance(check, HttpCheck) and check.url == "http://10.9.9.9:5555/"
+    assert isinstance(check, HttpCheck)
+    assert check.url == "http://10.9.9.9:5555/"
     assert cfg.record.to_json() == '{"host":"node-1","ipv4_addr":"10.9.9.9","port":5555}'
 
 
@@ -51,7 +52,8 @@ def test_precedence_flags_env_file_ambient(tmp_path: Path) -> None:
     cfg = load({"port": "3", "meta": ["extra=flag"]}, env)
     assert cfg.port == 3  # flag > env > file
     assert cfg.ttl == 50  # env > file
-    assert cfg.service == "from-file" and cfg.interval == 7.0  # file > default
+    assert cfg.service == "from-file"
+    assert cfg.interval == 7.0
     assert cfg.etcd.endpoints == ("http://file:2379",)  # file > ambient
     assert cfg.ip == "10.0.0.1"  # COREOS_PUBLIC_IPV4 before PRIVATE, before the host's
     assert dict(cfg.meta) == {"zone": "env", "rack": "r1", "extra": "flag"}  # merged key by key
@@ -76,9 +78,12 @@ def test_checks_from_file_with_options(tmp_path: Path) -> None:
     )
     cfg = load({"config": str(file), "ip": "127.0.0.1"})
     http, tcp = cfg.checks
-    assert isinstance(http, HttpCheck) and isinstance(tcp, TcpCheck)
-    assert http.url == "http://127.0.0.1:8080/health" and http.method == "HEAD"
-    assert http.statuses == ((200, 200), (300, 302)) and dict(http.headers) == {"Host": "example"}
+    assert isinstance(http, HttpCheck)
+    assert isinstance(tcp, TcpCheck)
+    assert http.url == "http://127.0.0.1:8080/health"
+    assert http.method == "HEAD"
+    assert http.statuses == ((200, 200), (300, 302))
+    assert dict(http.headers) == {"Host": "example"}
     assert (tcp.host, tcp.port, tcp.send, tcp.expect) == ("127.0.0.1", 8080, b"PING\r\n", b"+PONG")
 
 
@@ -202,4 +207,5 @@ def test_version() -> None:
         timeout=30,
         check=False,
     )
-    assert done.returncode == 0 and done.stdout.startswith("announcer ")
+    assert done.returncode == 0
+    assert done.stdout.startswith("announcer ")

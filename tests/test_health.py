@@ -67,11 +67,14 @@ def test_properties(rise: int, fall: int, verdicts: list[bool]) -> None:
             assert transition is state.status
         # PASSING only after `rise` consecutive passes; FAILING only after `fall` failures.
         if transition is Health.PASSING:
-            assert i + 1 >= rise and all(verdicts[i + 1 - rise : i + 1])
+            assert i + 1 >= rise
+            assert all(verdicts[i + 1 - rise : i + 1])
         if transition is Health.FAILING:
-            assert i + 1 >= fall and not any(verdicts[i + 1 - fall : i + 1])
+            assert i + 1 >= fall
+            assert not any(verdicts[i + 1 - fall : i + 1])
         # The state stays a small value: counters saturate.
-        assert state.passes <= rise and state.failures <= fall
+        assert state.passes <= rise
+        assert state.failures <= fall
 
 
 @given(st.integers(1, 6), st.integers(1, 6), st.lists(st.booleans(), max_size=60))

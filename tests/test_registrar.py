@@ -28,7 +28,8 @@ async def test_client_speaks_the_gateway(etcd_any: EtcdServer, client: EtcdClien
     assert await client.keepalive(lease) == 10
     await client.put("/k", "v", lease)
     kv = await client.get("/k")
-    assert kv is not None and (kv.value, kv.lease) == ("v", lease)
+    assert kv is not None
+    assert (kv.value, kv.lease) == ("v", lease)
     assert await client.get("/missing") is None
     assert not await client.delete_if_lease("/k", lease + 1)  # guarded: not ours
     assert etcd_any.get("/k") is not None
@@ -60,7 +61,8 @@ async def test_announce_writes_valid_json_on_own_lease(etcd_any: EtcdServer, cli
     registrar = EtcdRegistrar(client, KEY, ttl=10)
     await registrar.announce(RECORD)
     kv = etcd_any.get(KEY)
-    assert kv is not None and kv["lease"] == registrar.lease
+    assert kv is not None
+    assert kv["lease"] == registrar.lease
     assert json.loads(kv["value"]) == {"host": "node-1", "ipv4_addr": "127.0.0.1", "port": 5555, "zone": "a"}
     # announcing the same record again writes nothing
     revision = etcd_any.revision()
@@ -88,7 +90,8 @@ async def test_refresh_puts_back_a_deleted_record_but_leaves_a_successor(
     etcd_any.call("/v3/kv/deleterange", {"key": __import__("base64").b64encode(KEY.encode()).decode()})
     await registrar.refresh()
     kv = etcd_any.get(KEY)
-    assert kv is not None and kv["lease"] == registrar.lease
+    assert kv is not None
+    assert kv["lease"] == registrar.lease
     # a successor takes the key over on its own lease: refresh must not touch it
     other = etcd_any.grant(10)
     etcd_any.put(KEY, '{"host":"successor"}', other)
@@ -109,7 +112,9 @@ async def test_withdraw_and_close_never_delete_a_successor(etcd_any: EtcdServer,
     await old.withdraw()
     await old.close()  # a late stop of the old instance
     kv = etcd_any.get(KEY)
-    assert kv is not None and kv["lease"] == new.lease and json.loads(kv["value"])["host"] == "node-2"
+    assert kv is not None
+    assert kv["lease"] == new.lease
+    assert json.loads(kv["value"])["host"] == "node-2"
     assert etcd_any.lease_ttl(old_lease) == -1  # the old lease was revoked
     await new.close()
     assert etcd_any.get(KEY) is None
@@ -124,9 +129,11 @@ async def test_lease_lost_is_regranted_and_record_put_again(etcd_any: EtcdServer
     etcd_any.call("/v3/lease/revoke", {"ID": str(first)})  # as if it had expired
     assert etcd_any.get(KEY) is None
     await registrar.refresh()
-    assert registrar.lease not in (None, first) and registrar.lease_grants == 2
+    assert registrar.lease not in (None, first)
+    assert registrar.lease_grants == 2
     kv = etcd_any.get(KEY)
-    assert kv is not None and kv["lease"] == registrar.lease
+    assert kv is not None
+    assert kv["lease"] == registrar.lease
 
 
 async def test_withdrawn_registrar_keeps_its_lease_alive(etcd_any: EtcdServer, client: EtcdClient) -> None:
@@ -137,7 +144,8 @@ async def test_withdrawn_registrar_keeps_its_lease_alive(etcd_any: EtcdServer, c
     lease = registrar.lease
     assert lease is not None
     await registrar.refresh()
-    assert registrar.lease == lease and registrar.last_ttl == 10
+    assert registrar.lease == lease
+    assert registrar.last_ttl == 10
     await registrar.announce(RECORD)
     assert etcd_any.get(KEY)["lease"] == lease  # type: ignore[index]
     assert registrar.lease_grants == 1  # one lease for the life of the agent
