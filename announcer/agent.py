@@ -113,6 +113,7 @@ class Agent:
 
     async def _shutdown(self) -> None:
         self._on_event("stopping")
+        log.info("shutting down", withdraw_within=self.config.shutdown_timeout)
         was_registered = self.status.registered
         try:
             async with asyncio.timeout(self.config.shutdown_timeout):

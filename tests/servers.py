@@ -196,16 +196,18 @@ class Watcher:
     def _run(self) -> None:
         end = self._prefix[:-1] + chr(ord(self._prefix[-1]) + 1)
         body = {"create_request": {"key": b64(self._prefix), "range_end": b64(end)}}
-        with contextlib.suppress(httpx.HTTPError):
-            with self._client.stream("POST", self._server.url + "/v3/watch", json=body) as response:
-                for line in response.iter_lines():
-                    if not line.strip():
-                        continue
-                    result = json.loads(line).get("result", {})
-                    if result.get("created"):
-                        self._created.set()
-                    for event in result.get("events", []):
-                        self.events.append(event)
+        with (
+            contextlib.suppress(httpx.HTTPError),
+            self._client.stream("POST", self._server.url + "/v3/watch", json=body) as response,
+        ):
+            for line in response.iter_lines():
+                if not line.strip():
+                    continue
+                result = json.loads(line).get("result", {})
+                if result.get("created"):
+                    self._created.set()
+                for event in result.get("events", []):
+                    self.events.append(event)
 
     def types(self) -> list[str]:
         return [event.get("type", "PUT") for event in self.events]

@@ -159,7 +159,8 @@ def test_bad_input_is_one_line_exit_2(
         main()
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert err.startswith("error: "), err
+    assert err.count("\n") == 1, err
     assert message in err
 
 
@@ -183,7 +184,9 @@ def test_bad_file_is_one_line(
             main()
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
-        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+        assert err.startswith("error: "), err
+        assert err.count("\n") == 1, err
+        assert message in err
 
 
 def test_real_process_bad_input_has_no_traceback() -> None:

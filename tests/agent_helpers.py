@@ -1,0 +1,58 @@
+"""Running a real Agent in-process against real etcd and real services."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from announcer.agent import Agent
+from announcer.config import Ambient, Config, load_config
+from announcer.metrics import Metrics
+
+AMBIENT = Ambient(hostname=lambda: "node-1", ip=lambda: "127.0.0.1")
+
+
+def agent_config(etcd_url: str, port: int, **flags: Any) -> Config:
+    base: dict[str, Any] = {
+        "service": "web",
+        "port": str(port),
+        "ip": "127.0.0.1",
+        "interval": "0.1",
+        "timeout": "0.05",
+        "rise": "2",
+        "fall": "2",
+        "ttl": "3",
+        "etcd_endpoints": etcd_url,
+        "shutdown_timeout": "2",
+    }
+    base.update({k: v for k, v in flags.items()})
+    return load_config(base, {}, AMBIENT)
+
+
+async def eventually(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll until the predicate holds (the real processes decide when)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def running(config: Config, **kwargs: Any) -> AsyncIterator[Agent]:
+    agent = Agent(config, metrics=kwargs.pop("metrics", None) or Metrics(process=False), **kwargs)
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.serve(stop.wait()))
+    try:
+        yield agent
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, config.shutdown_timeout + 5)
+
+
+def sample(agent: Agent, name: str, **labels: str) -> float:
+    value = agent.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
