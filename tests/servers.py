@@ -276,16 +276,16 @@ class SilentListener:
 def announcer_process(*args: str, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[str]]:
     """A real `announcer` subprocess; killed by PID if the test leaves it running."""
     full_env = {**os.environ, "ANNOUNCER_LOG_FORMAT": "json", **(env or {})}
-    process = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-m", "announcer", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=full_env,
-    )
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.communicate(timeout=10)
+    ) as process:
+        try:
+            yield process
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait(10)

@@ -1,0 +1,145 @@
+"""A real `announcer` process: signals, exit codes, and shutdown when etcd hangs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+
+import pytest
+
+from tests.servers import EtcdServer, HttpService, announcer_process, wait_until
+
+
+class StderrLog:
+    """Reads a process's JSON log lines as they come."""
+
+    def __init__(self, stream) -> None:  # type: ignore[no-untyped-def]
+        self.events: list[dict[str, object]] = []
+        self.raw: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream) -> None:  # type: ignore[no-untyped-def]
+        try:
+            for line in stream:
+                self.raw.append(line)
+                try:
+                    self.events.append(json.loads(line))
+                except ValueError:
+                    continue
+        except (ValueError, OSError):  # the test closed the pipe: the process is gone
+            return
+
+    def saw(self, event: str) -> bool:
+        return any(e.get("event") == event for e in self.events)
+
+
+def agent_args(etcd: EtcdServer, port: int, *extra: str) -> list[str]:
+    return [
+        "--service", "web", "--port", str(port), "--ip", "127.0.0.1", "--hostname", "node-1",
+        "--interval", "0.2", "--timeout", "0.1", "--ttl", "5",
+        "--etcd-endpoints", etcd.url, *extra,
+    ]  # fmt: skip
+
+
+def test_sigterm_withdraws_revokes_and_exits_0(etcd: EtcdServer, http_service: HttpService) -> None:
+    key = f"/services/web/127.0.0.1:{http_service.port}"
+    with announcer_process(*agent_args(etcd, http_service.port)) as process:
+        log = StderrLog(process.stderr)
+        wait_until(lambda: etcd.get(key) is not None, 20, "announce")
+        lease = etcd.get(key)["lease"]  # type: ignore[index]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+    assert etcd.get(key) is None
+    assert etcd.lease_ttl(lease) == -1  # revoked, not left to expire
+    wait_until(lambda: log.saw("withdrawn, lease revoked"), 5, "the withdraw logged")
+    assert not any("Traceback" in line for line in log.raw)
+
+
+def test_sigint_is_the_same_as_sigterm(etcd: EtcdServer, http_service: HttpService) -> None:
+    key = f"/services/web/127.0.0.1:{http_service.port}"
+    with announcer_process(*agent_args(etcd, http_service.port)) as process:
+        wait_until(lambda: etcd.get(key) is not None, 20, "announce")
+        process.send_signal(signal.SIGINT)
+        assert process.wait(15) == 0
+    assert etcd.get(key) is None
+
+
+def test_sigterm_with_etcd_frozen_exits_within_the_bound(etcd: EtcdServer, http_service: HttpService) -> None:
+    key = f"/services/web/127.0.0.1:{http_service.port}"
+    with announcer_process(*agent_args(etcd, http_service.port, "--shutdown-timeout", "1")) as process:
+        log = StderrLog(process.stderr)
+        wait_until(lambda: etcd.get(key) is not None, 20, "announce")
+        etcd.freeze()
+        try:
+            process.send_signal(signal.SIGTERM)
+            # shutdown bound 1s; the generous margin only covers interpreter exit on a busy machine
+            assert process.wait(10) == 0
+        finally:
+            etcd.thaw()
+    # whichever gave up first, the request deadline or the shutdown bound, it says so
+    wait_until(
+        lambda: log.saw("etcd did not answer in time; the record goes when the lease expires")
+        or log.saw("could not withdraw at shutdown; the lease TTL will"),
+        5,
+        "the failed withdraw logged",
+    )
+
+
+def test_second_signal_exits_at_once(etcd: EtcdServer, http_service: HttpService) -> None:
+    key = f"/services/web/127.0.0.1:{http_service.port}"
+    with announcer_process(*agent_args(etcd, http_service.port, "--shutdown-timeout", "60")) as process:
+        log = StderrLog(process.stderr)
+        wait_until(lambda: etcd.get(key) is not None, 20, "announce")
+        etcd.freeze()
+        try:
+            process.send_signal(signal.SIGTERM)
+            wait_until(lambda: log.saw("shutting down"), 10, "the first signal handled")
+            process.send_signal(signal.SIGINT)
+            assert process.wait(10) == 128 + signal.SIGINT
+        finally:
+            etcd.thaw()
+
+
+def test_killed_agent_record_expires_with_its_lease(etcd: EtcdServer, http_service: HttpService) -> None:
+    key = f"/services/web/127.0.0.1:{http_service.port}"
+    with announcer_process(*agent_args(etcd, http_service.port, "--ttl", "3")) as process:
+        wait_until(lambda: etcd.get(key) is not None, 20, "announce")
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(10)
+    wait_until(lambda: etcd.get(key) is None, 10, "the lease to expire")
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_check_command_needs_no_etcd(http_service: HttpService, as_json: bool) -> None:
+    args = ["check", "--service", "web", "--port", str(http_service.port), "--ip", "127.0.0.1",
+            "--hostname", "node-1", "--etcd-endpoints", "http://127.0.0.1:1"]  # fmt: skip
+    if as_json:
+        args.append("--json")
+    with announcer_process(*args) as process:
+        out, _ = process.communicate(timeout=30)
+        assert process.returncode == 0
+    record = {"host": "node-1", "ipv4_addr": "127.0.0.1", "port": http_service.port}
+    if as_json:
+        report = json.loads(out)
+        assert report["ok"] is True
+        assert report["key"] == f"/services/web/127.0.0.1:{http_service.port}"
+        assert report["record"] == record
+        [check] = report["checks"]
+        assert check["name"] == f"http://127.0.0.1:{http_service.port}/"
+        assert check["ok"] is True
+        assert check["detail"] == "HTTP 200"
+    else:
+        assert f"PASS  http://127.0.0.1:{http_service.port}/" in out
+        assert json.dumps(record, separators=(",", ":")) in out
+
+
+def test_check_command_exit_1_when_failing(http_service: HttpService) -> None:
+    http_service.status = 500
+    with announcer_process("check", "--service", "web", "--port", str(http_service.port), "--ip", "127.0.0.1") as p:
+        out, _ = p.communicate(timeout=30)
+        assert p.returncode == 1
+    assert "FAIL" in out
+    assert "HTTP 500" in out
