@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set up (a local venv with announcer and its test tools) and run the whole test gate:
+# ruff, mypy --strict, then pytest against real etcd and real services.
+set -euo pipefail
+cd "$(dirname "$0")"
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+.venv/bin/ruff check announcer tests bench scripts
+.venv/bin/ruff format --check announcer tests bench scripts
+.venv/bin/mypy
+.venv/bin/python -m pytest "$@"
