@@ -63,7 +63,9 @@ def main() -> None:
 
     def record() -> dict[str, object] | None:
         try:
-            answer = httpx.post(f"{etcd_url}/v3/kv/range", json={"key": base64.b64encode(key.encode()).decode()})
+            answer = httpx.post(
+                f"{etcd_url}/v3/kv/range", json={"key": base64.b64encode(key.encode()).decode()}
+            )
             kvs = answer.json().get("kvs")
         except httpx.HTTPError:
             return None
@@ -82,11 +84,29 @@ def main() -> None:
         wait_for("etcd", lambda: record() is None and _up(etcd_url))
         say(f"starting a web service on 127.0.0.1:{web_port}")
         web = start_web()
-        say("starting: announcer --service demo --port %d --interval 1 --ttl 6" % web_port)
+        say(f"starting: announcer --service demo --port {web_port} --interval 1 --ttl 6")
         agent = subprocess.Popen(
-            [sys.executable, "-m", "announcer", "--service", "demo", "--port", str(web_port),
-             "--ip", "127.0.0.1", "--interval", "1", "--timeout", "0.5", "--ttl", "6",
-             "--etcd-endpoints", etcd_url, "--log-format", "console"],  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "announcer",
+                "--service",
+                "demo",
+                "--port",
+                str(web_port),
+                "--ip",
+                "127.0.0.1",
+                "--interval",
+                "1",
+                "--timeout",
+                "0.5",
+                "--ttl",
+                "6",
+                "--etcd-endpoints",
+                etcd_url,
+                "--log-format",
+                "console",
+            ],
         )
         processes.append(agent)
         wait_for("the record", lambda: record() is not None)

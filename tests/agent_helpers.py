@@ -28,7 +28,7 @@ def agent_config(etcd_url: str, port: int, **flags: Any) -> Config:
         "etcd_endpoints": etcd_url,
         "shutdown_timeout": "2",
     }
-    base.update({k: v for k, v in flags.items()})
+    base.update(dict(flags.items()))
     return load_config(base, {}, AMBIENT)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 
 from structlog.testing import capture_logs
 
@@ -20,7 +21,12 @@ async def test_announces_after_rise_passes(etcd: EtcdServer, http_service: HttpS
         assert agent.status.rounds >= 2  # rise = 2
         kv = etcd.get(key)
         assert kv is not None
-        assert kv["value"] == '{"host":"node-1","ipv4_addr":"127.0.0.1","port":%d,"zone":"a"}' % http_service.port
+        assert json.loads(kv["value"]) == {
+            "host": "node-1",
+            "ipv4_addr": "127.0.0.1",
+            "port": http_service.port,
+            "zone": "a",
+        }
         assert kv["lease"] > 0
         assert etcd.lease_ttl(kv["lease"]) > 0
     # on shutdown: record withdrawn, lease revoked
@@ -39,7 +45,10 @@ async def test_steady_state_is_keepalives_only(etcd: EtcdServer, http_service: H
         start = sample(agent, "announcer_etcd_requests_total", operation="keepalive", outcome="ok")
         # TTL 3 means a keepalive every second; see four of them
         await eventually(
-            lambda: sample(agent, "announcer_etcd_requests_total", operation="keepalive", outcome="ok") >= start + 4,
+            lambda: (
+                sample(agent, "announcer_etcd_requests_total", operation="keepalive", outcome="ok")
+                >= start + 4
+            ),
             timeout=15,
             what="four keepalives",
         )
@@ -112,7 +121,9 @@ async def test_etcd_killed_and_restarted_empty(etcd: EtcdServer, http_service: H
             etcd.wipe()
             await eventually(lambda: agent.status.etcd_reachable is False, what="etcd seen as down")
             rounds = agent.status.rounds
-            await eventually(lambda: agent.status.rounds >= rounds + 5, what="checks go on while etcd is down")
+            await eventually(
+                lambda: agent.status.rounds >= rounds + 5, what="checks go on while etcd is down"
+            )
             etcd.start()
             await eventually(lambda: etcd.get(key) is not None, timeout=15, what="announced again")
         kv = etcd.get(key)

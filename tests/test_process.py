@@ -81,8 +81,10 @@ def test_sigterm_with_etcd_frozen_exits_within_the_bound(etcd: EtcdServer, http_
             etcd.thaw()
     # whichever gave up first, the request deadline or the shutdown bound, it says so
     wait_until(
-        lambda: log.saw("etcd did not answer in time; the record goes when the lease expires")
-        or log.saw("could not withdraw at shutdown; the lease TTL will"),
+        lambda: (
+            log.saw("etcd did not answer in time; the record goes when the lease expires")
+            or log.saw("could not withdraw at shutdown; the lease TTL will")
+        ),
         5,
         "the failed withdraw logged",
     )
@@ -138,7 +140,9 @@ def test_check_command_needs_no_etcd(http_service: HttpService, as_json: bool) -
 
 def test_check_command_exit_1_when_failing(http_service: HttpService) -> None:
     http_service.status = 500
-    with announcer_process("check", "--service", "web", "--port", str(http_service.port), "--ip", "127.0.0.1") as p:
+    with announcer_process(
+        "check", "--service", "web", "--port", str(http_service.port), "--ip", "127.0.0.1"
+    ) as p:
         out, _ = p.communicate(timeout=30)
         assert p.returncode == 1
     assert "FAIL" in out
