@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from announcer.errors import ConfigError
+
+
+def tls_context(ca_file: Path | None, *, verify: bool = True, check_hostname: bool = True) -> ssl.SSLContext:
+    """A client TLS context: the system CAs or ``ca_file``; optionally without verification."""
+    context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    elif not check_hostname:
+        context.check_hostname = False
+    return context
 
 
 class Options:
@@ -59,6 +71,11 @@ class Options:
                 f"{self._kind} check option {name!r}: cannot read {value}: {exc.strerror}"
             ) from None
         return path
+
+    def secret_file(self, name: str) -> str | None:
+        """A password kept in a file, so unit files and `ps` need not show it."""
+        path = self.readable_file(name)
+        return None if path is None else path.read_text().rstrip("\r\n")
 
     def raw(self, name: str) -> Any:
         return self._take(name)

@@ -1,0 +1,86 @@
+"""PostgreSQL check: a fresh client connection and a query (``SELECT 1``), then close.
+
+Driver: asyncpg (extra ``postgres``): asyncio-native, binary wheels, no libpq
+needed in the image, and it honours ``PGPASSWORD`` and ``~/.pgpass`` as libpq does.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from announcer.checks import CheckResult
+from announcer.checks._options import Options, tls_context
+from announcer.errors import ConfigError
+from announcer.redact import redact_url
+
+SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+@dataclass(frozen=True)
+class PostgresCheck:
+    dsn: str
+    query: str = "SELECT 1"
+    sslmode: str | None = None
+    ca_file: Path | None = None
+    password: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_spec(cls, spec: str, options: Mapping[str, Any]) -> Self:
+        parts = urlsplit(spec)
+        if not parts.hostname:
+            raise ConfigError(
+                f"postgresql check {redact_url(spec)!r} must look like postgresql://user@host:port/db"
+            )
+        opts = Options("postgresql", options)
+        sslmode = opts.string("sslmode")
+        if sslmode is not None and sslmode not in SSLMODES:
+            raise ConfigError(f"postgresql check sslmode {sslmode!r} is not one of {', '.join(SSLMODES)}")
+        password = parts.password or opts.secret_file("password_file") or os.environ.get("PGPASSWORD")
+        check = cls(
+            dsn=spec,
+            query=opts.string("query") or "SELECT 1",
+            sslmode=sslmode,
+            ca_file=opts.readable_file("ca_file"),
+            password=password,
+        )
+        opts.done()
+        return check
+
+    @property
+    def name(self) -> str:
+        return redact_url(self.dsn)
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        return (self.password,) if self.password else ()
+
+    def _ssl(self) -> Any:  # asyncpg takes a context or an sslmode name
+        if self.sslmode in ("verify-ca", "verify-full"):
+            return tls_context(self.ca_file, check_hostname=self.sslmode == "verify-full")
+        if self.sslmode == "require" and self.ca_file is not None:
+            return tls_context(self.ca_file, check_hostname=False)
+        return self.sslmode
+
+    async def __call__(self) -> CheckResult:
+        try:
+            conn = await asyncpg.connect(self.dsn, password=self.password, ssl=self._ssl())
+        except asyncpg.InvalidPasswordError as exc:
+            return CheckResult(False, f"authentication failed: {exc}")
+        except asyncpg.InvalidAuthorizationSpecificationError as exc:
+            return CheckResult(False, f"authentication failed: {exc}")
+        except asyncpg.InvalidCatalogNameError as exc:
+            return CheckResult(False, f"database does not exist: {exc}")
+        try:
+            value = await conn.fetchval(self.query)
+        except BaseException:
+            conn.terminate()  # cancelled or failed: drop the socket now, leak nothing
+            raise
+        await conn.close()
+        return CheckResult(True, f"{self.query!r} returned {value!r}")

@@ -1,0 +1,331 @@
+"""Database and command checks against the machine's real servers and real programs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import aiomysql
+import asyncpg
+import pytest
+import redis.asyncio
+
+from announcer.checks import build_check, run_check
+from announcer.errors import ConfigError
+from announcer.health import Health
+from tests.agent_helpers import agent_config, eventually, running
+from tests.databases import TEST_PASSWORD, TEST_USER, mysql, postgres, postgres_checks_passwords, redis_server
+from tests.servers import EtcdServer, SilentListener, announcer_process, free_port, wait_until
+
+__all__ = ["mysql", "postgres", "postgres_checks_passwords", "redis_server"]  # fixtures
+
+ROUNDS = 500
+
+
+async def run(spec: str, timeout: float = 5.0, **options: Any):  # type: ignore[no-untyped-def]
+    return await run_check(build_check(spec, options), timeout)
+
+
+def assert_secret_absent(result: Any, check_name: str) -> None:
+    assert TEST_PASSWORD not in result.detail
+    assert TEST_PASSWORD not in check_name
+
+
+# -- PostgreSQL ---------------------------------------------------------------------
+
+
+async def test_postgres_passes(postgres: asyncpg.Connection) -> None:
+    result = await run("postgresql://postgres@127.0.0.1:5432/postgres")
+    assert result.ok, result.detail
+    assert result.detail == "'SELECT 1' returned 1"
+    assert (await run("postgres://postgres@127.0.0.1:5432/postgres", query="SELECT 40 + 2")).detail == (
+        "'SELECT 40 + 2' returned 42"
+    )
+
+
+async def test_postgres_password_from_url_file_and_env(
+    postgres_checks_passwords: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = f"postgresql://{TEST_USER}@127.0.0.1:5432/postgres"
+    assert (await run(f"postgresql://{TEST_USER}:{TEST_PASSWORD}@127.0.0.1:5432/postgres")).ok
+    secret = tmp_path / "pw"
+    secret.write_text(TEST_PASSWORD + "\n")
+    assert (await run(spec, password_file=str(secret))).ok
+    monkeypatch.setenv("PGPASSWORD", TEST_PASSWORD)
+    assert (await run(spec)).ok
+
+
+async def test_postgres_wrong_password(postgres_checks_passwords: None) -> None:
+    spec = f"postgresql://{TEST_USER}:not-{TEST_PASSWORD}@127.0.0.1:5432/postgres"
+    check = build_check(spec, {})
+    result = await run_check(check, 5)
+    assert not result.ok
+    assert result.detail.startswith("authentication failed")
+    assert check.name == f"postgresql://{TEST_USER}:***@127.0.0.1:5432/postgres"
+    assert f"not-{TEST_PASSWORD}" not in result.detail
+
+
+async def test_postgres_database_missing(postgres: asyncpg.Connection) -> None:
+    result = await run("postgresql://postgres@127.0.0.1:5432/no_such_db_here")
+    assert not result.ok
+    assert result.detail.startswith("database does not exist")
+
+
+async def test_postgres_failing_query(postgres: asyncpg.Connection) -> None:
+    result = await run("postgresql://postgres@127.0.0.1:5432/postgres", query="SELECT * FROM no_such_table")
+    assert not result.ok
+    assert "no_such_table" in result.detail
+
+
+async def test_postgres_leaks_no_connection(postgres: asyncpg.Connection) -> None:
+    count = "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
+    before = await postgres.fetchval(count)
+    check = build_check("postgresql://postgres@127.0.0.1:5432/postgres", {})
+    for _ in range(ROUNDS):
+        assert (await run_check(check, 5)).ok
+    await _eventually_equal(lambda: postgres.fetchval(count), before)
+
+
+# -- MySQL / MariaDB -------------------------------------------------------------------
+
+
+async def test_mysql_passes(mysql: aiomysql.Connection) -> None:
+    result = await run("mysql://root@127.0.0.1:3306/test")
+    assert result.ok, result.detail
+    assert (
+        await run("mariadb://root@127.0.0.1:3306/", query="SELECT 6 * 7")
+    ).detail == "'SELECT 6 * 7' returned 42"
+
+
+async def test_mysql_password_from_url_file_and_env(
+    mysql: aiomysql.Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert (await run(f"mysql://{TEST_USER}:{TEST_PASSWORD}@127.0.0.1:3306/")).ok
+    secret = tmp_path / "pw"
+    secret.write_text(TEST_PASSWORD)
+    assert (await run(f"mysql://{TEST_USER}@127.0.0.1:3306/", password_file=str(secret))).ok
+    monkeypatch.setenv("MYSQL_PWD", TEST_PASSWORD)
+    assert (await run(f"mysql://{TEST_USER}@127.0.0.1:3306/")).ok
+
+
+async def test_mysql_wrong_password_and_missing_database(mysql: aiomysql.Connection) -> None:
+    check = build_check(f"mysql://{TEST_USER}:wrong-{TEST_PASSWORD}@127.0.0.1:3306/", {})
+    result = await run_check(check, 5)
+    assert not result.ok
+    assert result.detail.startswith("authentication failed")
+    assert_secret_absent(result, check.name)
+    missing = await run("mysql://root@127.0.0.1:3306/no_such_db_here")
+    assert not missing.ok
+    assert missing.detail.startswith("database does not exist")
+
+
+async def test_mysql_leaks_no_connection(mysql: aiomysql.Connection) -> None:
+    async def threads() -> int:
+        async with mysql.cursor() as cursor:
+            await cursor.execute("SHOW STATUS LIKE 'Threads_connected'")
+            row = await cursor.fetchone()
+        return int(row[1])
+
+    before = await threads()
+    check = build_check("mysql://root@127.0.0.1:3306/test", {})
+    for _ in range(ROUNDS):
+        assert (await run_check(check, 5)).ok
+    await _eventually_equal(threads, before)
+
+
+# -- Redis ---------------------------------------------------------------------------------
+
+
+async def test_redis_ping_and_role(redis_server: redis.asyncio.Redis) -> None:
+    assert (await run("redis://127.0.0.1:6379/0")).detail == "PONG"
+    role = (await redis_server.role())[0]
+    role = role.decode() if isinstance(role, bytes) else role
+    assert (await run("redis://127.0.0.1:6379", role=role)).ok
+    other = "slave" if role == "master" else "master"
+    wrong = await run("redis://127.0.0.1:6379", role=other)
+    assert not wrong.ok
+    assert wrong.detail == f"wrong role: {role}, wanted {other}"
+
+
+async def test_redis_auth(redis_server: redis.asyncio.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert (await run(f"redis://{TEST_USER}:{TEST_PASSWORD}@127.0.0.1:6379")).ok
+    check = build_check(f"redis://{TEST_USER}:x{TEST_PASSWORD}@127.0.0.1:6379", {})
+    result = await run_check(check, 5)
+    assert not result.ok
+    assert result.detail.startswith("authentication failed")
+    assert_secret_absent(result, check.name)
+    monkeypatch.setenv("REDISCLI_AUTH", TEST_PASSWORD)
+    assert (await run(f"redis://{TEST_USER}@127.0.0.1:6379")).ok
+
+
+async def test_redis_leaks_no_connection(redis_server: redis.asyncio.Redis) -> None:
+    async def clients() -> int:
+        return int((await redis_server.info("clients"))["connected_clients"])
+
+    before = await clients()
+    check = build_check("redis://127.0.0.1:6379", {})
+    for _ in range(ROUNDS):
+        assert (await run_check(check, 5)).ok
+    await _eventually_equal(clients, before)
+
+
+# -- the same failures for every kind -------------------------------------------------------
+
+KINDS = [
+    "postgresql://postgres@127.0.0.1:{port}/postgres",
+    "mysql://root@127.0.0.1:{port}/",
+    "redis://127.0.0.1:{port}",
+]
+
+
+@pytest.mark.parametrize("template", KINDS)
+async def test_closed_port_fails_fast(template: str) -> None:
+    result = await run(template.format(port=free_port()), timeout=5)
+    assert not result.ok
+    assert "refused" in result.detail.lower() or "connect" in result.detail.lower(), result.detail
+    assert result.duration < 5  # the refusal, not the time limit
+
+
+@pytest.mark.parametrize("template", KINDS)
+async def test_listener_that_never_answers_fails_at_the_timeout(template: str) -> None:
+    silent = SilentListener()
+    try:
+        result = await run(template.format(port=silent.port), timeout=0.3)
+        assert not result.ok
+        assert result.detail == "timed out after 0.3s"
+    finally:
+        silent.close()
+
+
+def test_missing_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    for driver, kind_module, extra, spec in [
+        ("asyncpg", "postgres", "postgres", "postgresql://h/db"),
+        ("aiomysql", "mysql", "mysql", "mysql://h/db"),
+        ("redis", "redis", "redis", "redis://h"),
+    ]:
+        monkeypatch.setitem(sys.modules, driver, None)  # importing it now fails: as if not installed
+        monkeypatch.delitem(sys.modules, f"announcer.checks.{kind_module}", raising=False)
+        with pytest.raises(ConfigError) as info:
+            build_check(spec)
+        assert f"pip install 'announcer[{extra}]'" in str(info.value)
+
+
+def test_password_never_in_check_output(postgres_checks_passwords: None) -> None:
+    spec = f"postgresql://{TEST_USER}:wrong-{TEST_PASSWORD}@127.0.0.1:5432/postgres"
+    for extra in ([], ["--json"]):
+        with announcer_process(
+            "check", "--service", "db", "--port", "5432", "--ip", "127.0.0.1", "--check", spec, *extra
+        ) as p:
+            out, err = p.communicate(timeout=30)
+        assert p.returncode == 1
+        assert TEST_PASSWORD not in out + err
+        assert "authentication failed" in out
+        assert f"{TEST_USER}:***@" in out
+
+
+# -- exec --------------------------------------------------------------------------------------
+
+
+def script(tmp_path: Path, body: str) -> str:
+    path = tmp_path / "check.sh"
+    path.write_text("#!/bin/sh\n" + textwrap.dedent(body))
+    path.chmod(0o755)
+    return str(path)
+
+
+async def test_exec_pass_and_fail(tmp_path: Path) -> None:
+    passing = await run("exec:/bin/sh -c 'echo all good'")
+    assert passing.ok
+    assert passing.detail == "all good"
+    failing = await run("exec:" + script(tmp_path, "echo 'disk full' >&2\nexit 3\n"))
+    assert not failing.ok
+    assert failing.detail == "exit status 3: disk full"
+
+
+async def test_exec_output_is_capped(tmp_path: Path) -> None:
+    result = await run("exec:" + script(tmp_path, "head -c 100000 /dev/zero | tr '\\0' x\nexit 1\n"))
+    assert not result.ok
+    assert len(result.detail) <= 4096 + len("exit status 1: ")
+
+
+async def test_exec_timeout_kills_the_whole_group(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    program = script(
+        tmp_path,
+        f"""\
+        trap '' TERM
+        sh -c 'trap "" TERM; echo $$ >> {pids}; exec sleep 300' &
+        echo $$ >> {pids}
+        exec sleep 300
+        """,
+    )
+    result = await run("exec:" + program, timeout=0.5)
+    assert not result.ok
+    assert result.detail == "timed out after 0.5s"
+    written = [int(p) for p in pids.read_text().split()]
+    assert len(written) == 2
+    wait_until(lambda: not any(_alive(pid) for pid in written), 5, "the program and its child to die")
+
+
+def test_exec_bad_specs() -> None:
+    for spec, message in [
+        ("exec:", "needs a program"),
+        ("exec:bin/true", "must be an absolute path"),
+        ("exec:/nonexistent/prog", "is not an executable file"),
+        ("exec:/bin/sh -c 'unterminated", "No closing quotation"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            build_check(spec)
+        assert message in str(info.value)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):  # gone (reading /proc of a vanished pid can say ESRCH)
+        return False
+    return state != "Z"  # a zombie has been killed; only its parent's reaping is left
+
+
+async def _eventually_equal(read: Any, expected: int, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (value := await read()) != expected:
+        if loop.time() > deadline:
+            raise AssertionError(f"connection count {value}, expected it back at {expected}")
+        await asyncio.sleep(0.05)
+
+
+def test_password_in_url_wins_over_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The password environment variables are read only when the spec lacks a password.
+    monkeypatch.setenv("PGPASSWORD", "from-env")
+    check = build_check("postgresql://u:from-url@127.0.0.1/db", {})
+    assert check.secrets == ("from-url",)  # type: ignore[attr-defined]
+    assert os.environ["PGPASSWORD"] == "from-env"
+
+
+async def test_agent_announces_while_postgres_answers(
+    etcd: EtcdServer, postgres: asyncpg.Connection, tmp_path: Path
+) -> None:
+    # The check's query reads a table: dropping it makes the real check fail.
+    await postgres.execute("CREATE TABLE IF NOT EXISTS announcer_e2e_ready (ok int)")
+    config_file = tmp_path / "announcer.toml"
+    config_file.write_text(
+        '[[checks]]\nspec = "postgresql://postgres@{ip}:{port}/postgres"\n'
+        'query = "SELECT count(*) FROM announcer_e2e_ready"\n'
+    )
+    key = "/services/web/127.0.0.1:5432"
+    config = agent_config(etcd.url, 5432, config=str(config_file), interval="0.2", timeout="0.15")
+    try:
+        async with running(config) as agent:
+            await eventually(lambda: etcd.get(key) is not None, what="announced while PostgreSQL answers")
+            await postgres.execute("DROP TABLE announcer_e2e_ready")
+            await eventually(lambda: etcd.get(key) is None, what="withdrawn when the check fails")
+            assert agent.status.health is Health.FAILING
+            assert "announcer_e2e_ready" in agent.status.results[0].detail
+    finally:
+        await postgres.execute("DROP TABLE IF EXISTS announcer_e2e_ready")
