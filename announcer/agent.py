@@ -17,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 import structlog
@@ -26,7 +27,9 @@ import structlog
 from announcer.checks import CheckResult, run_round
 from announcer.config import Config
 from announcer.health import Health, HealthState
+from announcer.http import EndpointServer, health_report
 from announcer.metrics import Metrics
+from announcer.notify import Notifier
 from announcer.record import Record
 from announcer.registrar import Registrar
 from announcer.registrar.etcd import EtcdRegistrar
@@ -72,13 +75,14 @@ class Agent:
         *,
         registrar: Registrar | None = None,
         metrics: Metrics | None = None,
-        on_event: Callable[[str], None] | None = None,
+        notifier: Notifier | None = None,
+        listen: socket.socket | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics if metrics is not None else Metrics(process=False)
         self._client: EtcdClient | None = None
         if registrar is None:
-            self._client = EtcdClient(config.etcd, observe=self.metrics.observe_etcd)
+            self._client = EtcdClient(config.etcd, observe=self._observe_etcd)
             registrar = EtcdRegistrar(self._client, config.key, config.ttl)
         self.registrar = registrar
         self.status = Status()
@@ -86,8 +90,12 @@ class Agent:
         self._wanted: Record | None = None
         self._wake = asyncio.Event()
         self._grants_counted = 0
+        self._etcd_answers = 0  # requests etcd answered (any answer proves it reachable)
         self._in_line = asyncio.Event()  # etcd matches the first health verdict
-        self._on_event = on_event or (lambda _event: None)
+        self._notifier = notifier if notifier is not None else Notifier({})
+        self._endpoint = (
+            EndpointServer(listen, self.metrics.registry, self.health_report) if listen is not None else None
+        )
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -101,6 +109,10 @@ class Agent:
         try:
             async with asyncio.TaskGroup() as group:
                 loops = [group.create_task(self._check_loop()), group.create_task(self._sync_loop())]
+                if self._endpoint is not None:
+                    loops.append(group.create_task(self._endpoint.serve()))
+                if self._notifier.watchdog_period is not None:
+                    loops.append(group.create_task(self._watchdog_loop(self._notifier.watchdog_period)))
                 await shutdown
                 for task in loops:
                     task.cancel()
@@ -111,8 +123,37 @@ class Agent:
         """Returns once etcd reflects the first health verdict (readiness)."""
         await self._in_line.wait()
 
+    def health_report(self) -> tuple[int, dict[str, object]]:
+        """What /healthz answers: alive while a round ended within three intervals."""
+        status = self.status
+        return health_report(
+            last_round=status.last_round,
+            now=time.monotonic(),
+            max_age=3 * self.config.interval + self.config.timeout,
+            details={
+                "service": status.health.value,
+                "registered": status.registered,
+                "etcd_reachable": status.etcd_reachable,
+            },
+        )
+
+    def _loop_alive(self) -> bool:
+        return self.health_report()[0] == 200
+
+    async def _watchdog_loop(self, period: float) -> None:
+        while True:
+            if self._loop_alive():  # a stuck check loop stops the pings: systemd restarts us
+                self._notifier.send("WATCHDOG=1")
+            await asyncio.sleep(period)
+
+    def _tell_systemd(self, event: str) -> None:
+        status = f"STATUS={event}; service {self.status.health.value}, " + (
+            "registered" if self.status.registered else "not registered"
+        )
+        self._notifier.send(status)
+
     async def _shutdown(self) -> None:
-        self._on_event("stopping")
+        self._notifier.send("STOPPING=1", "STATUS=withdrawing and revoking the lease")
         log.info("shutting down", withdraw_within=self.config.shutdown_timeout)
         was_registered = self.status.registered
         try:
@@ -133,6 +174,7 @@ class Agent:
             self._set_registered(False)
             if self._client is not None:
                 await self._client.aclose()
+            self._notifier.close()
 
     # -- the check loop ---------------------------------------------------------
 
@@ -171,7 +213,7 @@ class Agent:
             failing = {c.name: r.detail for c, r in zip(self.config.checks, results, strict=True) if not r.ok}
             log.warning("service unhealthy", fall=self.config.fall, failing=failing)
             self._wanted = None
-        self._on_event(f"service {transition.value}")
+        self._tell_systemd(f"service {transition.value}")
         self._wake.set()
 
     # -- the sync loop ----------------------------------------------------------
@@ -183,6 +225,7 @@ class Agent:
         keepalive_due = loop.time() + period
         while True:
             self._wake.clear()
+            answers = self._etcd_answers
             try:
                 if await self._reconcile():
                     keepalive_due = loop.time() + period  # a fresh lease needs no keepalive yet
@@ -194,9 +237,12 @@ class Agent:
                 self._set_reachable(False, error=str(exc), retry_in=round(delay, 3))
             else:
                 backoff.reset()
-                self._set_reachable(True)
-                if self.status.health is not Health.UNKNOWN:
+                if self._etcd_answers != answers or self._client is None:
+                    self._set_reachable(True)
+                if self.status.health is not Health.UNKNOWN and not self._in_line.is_set():
                     self._in_line.set()
+                    self._notifier.send("READY=1")
+                    self._tell_systemd("ready")
                 delay = max(0.0, keepalive_due - loop.time())
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
@@ -211,14 +257,14 @@ class Agent:
             self._set_registered(True)
             self.metrics.announcements.inc()
             log.info("announced", key=self.config.key, record=wanted.to_json())
-            self._on_event("announced")
+            self._tell_systemd("announced")
             return self._lease_grants() != grants
         if wanted is None and self.status.registered:
             await self.registrar.withdraw()
             self._set_registered(False)
             self.metrics.withdrawals.labels("check_failure").inc()
             log.info("withdrawn", key=self.config.key)
-            self._on_event("withdrawn")
+            self._tell_systemd("withdrawn")
         return False
 
     async def _refresh(self) -> None:
@@ -231,6 +277,11 @@ class Agent:
             self.metrics.withdrawals.labels("lease_lost").inc()
             self.metrics.announcements.inc()
             log.warning("lease lost; record announced again on a new lease", key=self.config.key)
+
+    def _observe_etcd(self, operation: str, outcome: str, seconds: float) -> None:
+        if outcome != "unavailable":
+            self._etcd_answers += 1
+        self.metrics.observe_etcd(operation, outcome, seconds)
 
     def _lease_grants(self) -> int:
         grants = self.registrar.lease_grants

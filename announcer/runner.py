@@ -10,22 +10,28 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sys
 from typing import Any
 
 from announcer.agent import Agent
 from announcer.checks import run_round
 from announcer.config import Config
+from announcer.http import bind
+from announcer.metrics import Metrics
+from announcer.notify import Notifier
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def run_agent(config: Config) -> int:
-    asyncio.run(_serve_until_signalled(config))
+    # Bind the metrics port before anything starts: a busy port is a start-up error (exit 2).
+    listen = bind(config.metrics_address) if config.metrics_address is not None else None
+    asyncio.run(_serve_until_signalled(config, listen))
     return EXIT_OK
 
 
-async def _serve_until_signalled(config: Config) -> None:
+async def _serve_until_signalled(config: Config, listen: socket.socket | None) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -36,7 +42,8 @@ async def _serve_until_signalled(config: Config) -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-    await Agent(config).serve(stop.wait())
+    metrics = Metrics()  # with the default process metrics
+    await Agent(config, metrics=metrics, notifier=Notifier(), listen=listen).serve(stop.wait())
 
 
 def run_check_once(config: Config, *, as_json: bool) -> int:

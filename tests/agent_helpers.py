@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -35,10 +36,14 @@ def agent_config(etcd_url: str, port: int, **flags: Any) -> Config:
 async def eventually(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
     """Poll until the predicate holds (the real processes decide when)."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while not await _resolve(predicate()):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+async def _resolve(value: object) -> object:
+    return await value if inspect.isawaitable(value) else value
 
 
 @contextlib.asynccontextmanager

@@ -1,0 +1,115 @@
+"""The metrics and health endpoint: GET /metrics and GET /healthz on one socket.
+
+A deliberately tiny asyncio HTTP/1.1 responder (one request per connection)
+running in the agent's TaskGroup, so it needs no thread and no web framework.
+The socket is bound before the agent starts, so a port in use is a start-up
+error, not a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from announcer.errors import ConfigError
+
+REQUEST_LIMIT = 8192  # bytes of request head we read at most
+READ_TIMEOUT = 5.0
+
+
+def bind(address: tuple[str, int]) -> socket.socket:
+    """Bind and listen now; a busy port or bad address is a configuration error."""
+    host, port = address
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(64)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"--metrics-address {host}:{port}: cannot listen: {exc.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def health_report(
+    *, last_round: float | None, now: float, max_age: float, details: dict[str, Any]
+) -> tuple[int, dict[str, Any]]:
+    """200 while a check round completed within ``max_age`` seconds, else 503."""
+    age = None if last_round is None else now - last_round
+    alive = age is not None and age <= max_age
+    body = {"status": "ok" if alive else "stale", "last_round_age_seconds": age, **details}
+    return (200 if alive else 503), body
+
+
+class EndpointServer:
+    def __init__(
+        self,
+        sock: socket.socket,
+        registry: CollectorRegistry,
+        health: Callable[[], tuple[int, dict[str, Any]]],
+    ) -> None:
+        self._sock = sock
+        self._registry = registry
+        self._health = health
+
+    @property
+    def port(self) -> int:
+        return int(self._sock.getsockname()[1])
+
+    async def serve(self) -> None:
+        server = await asyncio.start_server(self._handle, sock=self._sock)
+        try:
+            await asyncio.Future()  # until cancelled
+        finally:
+            server.close()
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(READ_TIMEOUT):
+                head = await reader.readuntil(b"\r\n\r\n")
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            writer.close()
+            return
+        method, path = _request_line(head[:REQUEST_LIMIT])
+        status, content_type, body = self._route(method, path)
+        body_out = b"" if method == "HEAD" else body
+        writer.write(
+            f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n".encode()
+            + body_out
+        )
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()
+
+    def _route(self, method: str, path: str) -> tuple[int, str, bytes]:
+        if method not in ("GET", "HEAD"):
+            return 405, "text/plain", b"method not allowed\n"
+        route = path.split("?", 1)[0]
+        if route == "/metrics":
+            return 200, CONTENT_TYPE_LATEST, generate_latest(self._registry)
+        if route == "/healthz":
+            status, body = self._health()
+            return status, "application/json", json.dumps(body).encode() + b"\n"
+        return 404, "text/plain", b"not found: try /metrics or /healthz\n"
+
+
+_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+
+
+def _request_line(head: bytes) -> tuple[str, str]:
+    parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()
+    if len(parts) < 2:
+        return "", ""
+    return parts[0].upper(), parts[1]
