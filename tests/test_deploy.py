@@ -33,7 +33,9 @@ def fake_root(tmp_path: Path, units: list[Path]) -> Path:
     system.mkdir(parents=True)
     shutil.copytree("/lib/systemd/system", root / "lib" / "systemd" / "system", symlinks=True)
     for stub in ("docker", "etcd"):
-        (system / f"{stub}.service").write_text(f"[Unit]\nDescription=stub {stub}\n[Service]\nExecStart=/bin/true\n")
+        (system / f"{stub}.service").write_text(
+            f"[Unit]\nDescription=stub {stub}\n[Service]\nExecStart=/bin/true\n"
+        )
     bin_dir = root / "usr" / "bin"
     bin_dir.mkdir(parents=True)
     for program in ("announcer", "docker"):
@@ -80,8 +82,8 @@ def test_the_verifier_does_catch_a_broken_unit(tmp_path: Path) -> None:
 def unit(name: str) -> dict[str, list[str]]:
     entries: dict[str, list[str]] = {}
     section = ""
-    for line in (UNITS / name).read_text().replace("\\\n", " ").splitlines():
-        line = line.strip()
+    for raw in (UNITS / name).read_text().replace("\\\n", " ").splitlines():
+        line = raw.strip()
         if line.startswith("["):
             section = line.strip("[]")
         elif "=" in line and not line.startswith("#"):
@@ -121,7 +123,9 @@ def test_dockerfile_lints_clean() -> None:
     assert done.stdout == ""
 
 
-def test_wheel_installs_into_a_fresh_venv_as_the_image_does(tmp_path: Path, http_service: HttpService) -> None:
+def test_wheel_installs_into_a_fresh_venv_as_the_image_does(
+    tmp_path: Path, http_service: HttpService
+) -> None:
     wheels, env_dir = tmp_path / "wheels", tmp_path / "venv"
     # the Dockerfile's build stage ...
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-cache-dir", "--wheel-dir", str(wheels),
@@ -133,7 +137,9 @@ def test_wheel_installs_into_a_fresh_venv_as_the_image_does(tmp_path: Path, http
     subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-cache-dir", "--no-index",
                     "--find-links", str(wheels), "announcer[all]"], check=True, timeout=600)  # fmt: skip
     program = env_dir / "bin" / "announcer"
-    version = subprocess.run([str(program), "--version"], capture_output=True, text=True, timeout=60, check=True)
+    version = subprocess.run(
+        [str(program), "--version"], capture_output=True, text=True, timeout=60, check=True
+    )
     assert version.stdout.startswith("announcer ")
     check = subprocess.run(
         [str(program), "check", "--service", "web", "--port", str(http_service.port), "--ip", "127.0.0.1", "--json",
@@ -151,10 +157,25 @@ def test_container_healthcheck_reads_the_published_address(
 ) -> None:
     address_file = tmp_path / "metrics-address"
     env = {"ANNOUNCER_METRICS_ADDRESS": "127.0.0.1:0", "ANNOUNCER_METRICS_ADDRESS_FILE": str(address_file)}
-    with announcer_process("--service", "web", "--port", str(http_service.port), "--ip", "127.0.0.1",
-                           "--interval", "0.2", "--timeout", "0.1", "--etcd-endpoints", etcd.url, env=env) as process:
+    with announcer_process(
+        "--service",
+        "web",
+        "--port",
+        str(http_service.port),
+        "--ip",
+        "127.0.0.1",
+        "--interval",
+        "0.2",
+        "--timeout",
+        "0.1",
+        "--etcd-endpoints",
+        etcd.url,
+        env=env,
+    ) as process:
         wait_until(address_file.exists, 20, "the address file")
-        wait_until(lambda: etcd.get(f"/services/web/127.0.0.1:{http_service.port}") is not None, 20, "announce")
+        wait_until(
+            lambda: etcd.get(f"/services/web/127.0.0.1:{http_service.port}") is not None, 20, "announce"
+        )
         done = subprocess.run([sys.executable, "-m", "announcer.healthcheck"], capture_output=True, text=True,
                               timeout=30, check=False, env={**os.environ, **env})  # fmt: skip
         assert done.returncode == 0, done.stderr
@@ -175,4 +196,3 @@ def test_healthcheck_without_a_fixed_address_passes(address: str) -> None:
                           timeout=30, check=False, env=env)  # fmt: skip
     assert done.returncode == 0
     assert "nothing to ask" in done.stderr
-
