@@ -33,7 +33,7 @@ from announcer.notify import Notifier
 from announcer.record import Record
 from announcer.registrar import Registrar
 from announcer.registrar.etcd import EtcdRegistrar
-from announcer.registrar.etcd_client import EtcdClient, EtcdError
+from announcer.registrar.etcd_client import EtcdClient, EtcdError, EtcdUnavailable
 
 log = structlog.get_logger("announcer")
 
@@ -91,6 +91,7 @@ class Agent:
         self._wake = asyncio.Event()
         self._grants_counted = 0
         self._etcd_answers = 0  # requests etcd answered (any answer proves it reachable)
+        self._last_refusal: str | None = None
         self._in_line = asyncio.Event()  # etcd matches the first health verdict
         self._notifier = notifier if notifier is not None else Notifier({})
         self._endpoint = (
@@ -232,11 +233,16 @@ class Agent:
                 if loop.time() >= keepalive_due:
                     await self._refresh()
                     keepalive_due = loop.time() + period
-            except EtcdError as exc:
+            except EtcdUnavailable as exc:
                 delay = backoff.next_delay()
                 self._set_reachable(False, error=str(exc), retry_in=round(delay, 3))
+            except EtcdError as exc:  # etcd answered, but said no (credentials, permissions)
+                delay = backoff.next_delay()
+                self._set_reachable(True)
+                self._refused(exc, delay)
             else:
                 backoff.reset()
+                self._last_refusal = None
                 if self._etcd_answers != answers or self._client is None:
                     self._set_reachable(True)
                 if self.status.health is not Health.UNKNOWN and not self._in_line.is_set():
@@ -289,6 +295,12 @@ class Agent:
             self.metrics.lease_grants.inc(grants - self._grants_counted)
             self._grants_counted = grants
         return grants
+
+    def _refused(self, exc: EtcdError, delay: float) -> None:
+        message = str(exc)
+        if message != self._last_refusal:  # once per distinct refusal, not once per retry
+            self._last_refusal = message
+            log.error("etcd refused the request", error=message, retry_in=round(delay, 3))
 
     def _set_registered(self, registered: bool) -> None:
         self.status.registered = registered

@@ -388,15 +388,19 @@ def _path(name: str, value: Any) -> Path | None:
 def _etcd_settings(pick: Picker, env: Mapping[str, str], ttl: int) -> EtcdSettings:
     endpoints = _endpoints(pick("etcd_endpoints", "http://127.0.0.1:2379"))
     explicit_timeout = pick("etcd_timeout")
-    # Two keepalives may fail before the lease runs out; each try may take this long.
+    # A keepalive is due every TTL/3. One keepalive may try every endpoint in turn, each
+    # for up to the deadline; that must fit in the next third, so that a second keepalive
+    # still lands before the lease runs out: endpoints x deadline <= TTL/3.
+    budget = ttl / 3 / len(endpoints)
     timeout = (
-        _seconds("etcd_timeout", explicit_timeout) if explicit_timeout is not None else min(2.0, ttl / 6)
+        _seconds("etcd_timeout", explicit_timeout) if explicit_timeout is not None else min(2.0, budget / 2)
     )
-    if ttl / 3 + timeout >= ttl * 2 / 3:
+    if timeout > budget:
         raise ConfigError(
-            f"--etcd-timeout ({timeout:g}s) is too long for --ttl {ttl}: a keepalive every "
-            f"{ttl / 3:g}s plus one slow request must leave time for a retry before the lease "
-            f"expires; use at most {ttl / 3 - 0.001:.3g}s or a longer --ttl"
+            f"--etcd-timeout {timeout:g}s is too long for --ttl {ttl} with {len(endpoints)} endpoint(s): "
+            f"a keepalive every {ttl / 3:g}s that tries each endpoint for {timeout:g}s could let the "
+            f"lease expire while the agent is alive; "
+            f"use --etcd-timeout {budget:.3g} or less, or a longer --ttl"
         )
     user, password = _etcd_credentials(pick, env)
     settings = EtcdSettings(

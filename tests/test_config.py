@@ -111,10 +111,21 @@ def test_password_is_masked_in_check_names() -> None:
     assert cfg.checks[0].name == "http://user:***@127.0.0.1:80/"
 
 
-def test_explicit_etcd_timeout_too_long_for_ttl() -> None:
-    with pytest.raises(ConfigError, match="too long for --ttl 3"):
+def test_etcd_timeout_must_fit_the_keepalive_budget() -> None:
+    # TTL 30: a keepalive every 10 s; with 3 endpoints each may take at most 10/3 s.
+    three = "http://a:1,http://b:2,http://c:3"
+    with pytest.raises(ConfigError, match=r"too long for --ttl 30 with 3 endpoint\(s\)"):
+        load({"service": "a", "port": "1", "etcd_endpoints": three, "etcd_timeout": "3.5"})
+    assert (
+        load({"service": "a", "port": "1", "etcd_endpoints": three, "etcd_timeout": "3.3"}).etcd.timeout
+        == 3.3
+    )
+    with pytest.raises(ConfigError, match="use --etcd-timeout 1 or less"):
         load({"service": "a", "port": "1", "ttl": "3", "etcd_timeout": "1.5"})
+    # the defaults always fit: half the budget, at most 2 s
     assert load({"service": "a", "port": "1", "ttl": "3"}).etcd.timeout == 0.5
+    assert load({"service": "a", "port": "1", "etcd_endpoints": three}).etcd.timeout == 5 / 3
+    assert load({"service": "a", "port": "1"}).etcd.timeout == 2.0
 
 
 BAD_INPUTS = [
