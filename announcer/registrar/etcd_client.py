@@ -208,12 +208,18 @@ class EtcdClient:
     async def _authenticate(self, endpoint: str) -> None:
         self._token = None
         body = {"name": self._settings.user, "password": self._settings.password or ""}
-        status, answer = await self._post(endpoint, "/v3/auth/authenticate", body)
-        if status != 200:
-            error = _error_from(endpoint, status, answer)
-            if isinstance(error, EtcdUnavailable):
-                raise error
-            raise EtcdAuthError(f"etcd login as {self._settings.user!r} failed: {error}", error.code)
+        started = time.perf_counter()
+        try:
+            status, answer = await self._post(endpoint, "/v3/auth/authenticate", body)
+            if status != 200:
+                error = _error_from(endpoint, status, answer)
+                if isinstance(error, EtcdUnavailable):
+                    raise error
+                raise EtcdAuthError(f"etcd login as {self._settings.user!r} failed: {error}", error.code)
+        except EtcdError as exc:
+            self._observe("authenticate", _outcome(exc), time.perf_counter() - started)
+            raise
+        self._observe("authenticate", "ok", time.perf_counter() - started)
         self._token = str(answer["token"])
 
     async def _post(self, endpoint: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:

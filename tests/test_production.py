@@ -1,0 +1,225 @@
+"""Production etcd: a cluster with failover, TLS, RBAC with expiring tokens, whole-cluster outages."""
+
+from __future__ import annotations
+
+import json
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+from structlog.testing import capture_logs
+
+from announcer.config import load_config
+from announcer.errors import ConfigError
+from tests.agent_helpers import AMBIENT, agent_config, eventually, running, sample
+from tests.servers import EtcdCluster, EtcdServer, HttpService, Watcher, etcdctl
+
+KEY = "/services/web/127.0.0.1:{port}"
+
+
+def keepalives(agent) -> float:  # type: ignore[no-untyped-def]
+    return sample(agent, "announcer_etcd_requests_total", operation="keepalive", outcome="ok")
+
+
+@pytest.mark.parametrize("fault", ["stop", "freeze"])
+async def test_failover_keeps_the_lease_and_the_record(
+    etcd_cluster: EtcdCluster, http_service: HttpService, fault: str
+) -> None:
+    key = KEY.format(port=http_service.port)
+    config = agent_config(etcd_cluster.endpoints, http_service.port, ttl="3")
+    async with running(config) as agent:
+        await eventually(lambda: agent.status.registered, what="announce")
+        assert agent._client is not None
+        talking_to = etcd_cluster.member_at(agent._client.endpoint)
+        observer = etcd_cluster.any_up(but=talking_to)
+        kv = observer.get(key)
+        assert kv is not None
+        watcher = Watcher(observer, "/services/")
+        seen = keepalives(agent)
+        try:
+            if fault == "stop":
+                talking_to.stop()
+            else:
+                talking_to.freeze()
+            # three TTLs' worth of keepalives (one every second) through the other members
+            await eventually(
+                lambda: keepalives(agent) >= seen + 9, timeout=30, what="nine keepalives elsewhere"
+            )
+            after = observer.get(key)
+            assert after is not None
+            assert after["lease"] == kv["lease"]  # the same lease: never lost
+            assert after["mod_revision"] == kv["mod_revision"]  # never rewritten
+            assert watcher.events == []  # a watcher saw no delete and no new put
+            assert agent._client.endpoint != talking_to.url
+        finally:
+            talking_to.thaw()
+            watcher.close()
+
+
+@pytest.mark.parametrize("wipe", [False, True], ids=["with-data", "data-lost"])
+async def test_whole_etcd_down_longer_than_the_ttl(
+    etcd: EtcdServer, http_service: HttpService, wipe: bool
+) -> None:
+    key = KEY.format(port=http_service.port)
+    async with running(agent_config(etcd.url, http_service.port, ttl="3")) as agent:
+        await eventually(lambda: etcd.get(key) is not None, what="announce")
+        etcd.stop()
+        if wipe:
+            etcd.wipe()
+        await eventually(lambda: agent.status.etcd_reachable is False, what="etcd seen down")
+        # longer than the TTL (3 s): count check rounds, the agent's own clock
+        rounds = agent.status.rounds
+        await eventually(lambda: agent.status.rounds >= rounds + 20, timeout=30, what="4 s of check rounds")
+        code, body = agent.health_report()
+        assert code == 200  # the agent is alive and checking ...
+        assert body["etcd_reachable"] is False  # ... and says etcd is not
+        assert sample(agent, "announcer_etcd_reachable") == 0
+        etcd.start()
+        await eventually(lambda: etcd.get(key) is not None, timeout=15, what="record back")
+        await eventually(lambda: agent.status.etcd_reachable is True, what="etcd seen back")
+        assert sample(agent, "announcer_lease_grants_total") == (2 if wipe else 1)
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> dict[str, Path]:
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    client = ca.issue_cert("announcer-client")
+    files = {
+        name: tmp_path / f"{name}.pem"
+        for name in ("ca", "server", "server-key", "client", "client-key", "other-ca")
+    }
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    server.cert_chain_pems[0].write_to_path(str(files["server"]))
+    server.private_key_pem.write_to_path(str(files["server-key"]))
+    client.cert_chain_pems[0].write_to_path(str(files["client"]))
+    client.private_key_pem.write_to_path(str(files["client-key"]))
+    trustme.CA().cert_pem.write_to_path(str(files["other-ca"]))
+    return files
+
+
+@pytest.fixture
+def tls_etcd(etcd: EtcdServer, tls_files: dict[str, Path]) -> Iterator[EtcdServer]:
+    etcd.stop()
+    etcd.wipe()
+    etcd.scheme = "https"
+    etcd.extra_args = (
+        "--cert-file", str(tls_files["server"]), "--key-file", str(tls_files["server-key"]),
+        "--trusted-ca-file", str(tls_files["ca"]), "--client-cert-auth",
+    )  # fmt: skip
+    context = ssl.create_default_context(cafile=str(tls_files["ca"]))
+    context.load_cert_chain(str(tls_files["client"]), str(tls_files["client-key"]))
+    etcd.client_kwargs = {"verify": context}
+    etcd.start()
+    yield etcd
+
+
+async def test_tls_with_client_certificates(
+    tls_etcd: EtcdServer, tls_files: dict[str, Path], http_service: HttpService
+) -> None:
+    key = KEY.format(port=http_service.port)
+    config = agent_config(
+        tls_etcd.url, http_service.port, etcd_cacert=str(tls_files["ca"]),
+        etcd_cert=str(tls_files["client"]), etcd_key=str(tls_files["client-key"]),
+    )  # fmt: skip
+    async with running(config):
+        await eventually(lambda: tls_etcd.get(key) is not None, what="announce over TLS")
+    assert tls_etcd.get(key) is None
+
+
+async def test_tls_wrong_ca_is_a_clear_error_not_a_hang(
+    tls_etcd: EtcdServer, tls_files: dict[str, Path], http_service: HttpService
+) -> None:
+    config = agent_config(
+        tls_etcd.url, http_service.port, etcd_cacert=str(tls_files["other-ca"]),
+        etcd_cert=str(tls_files["client"]), etcd_key=str(tls_files["client-key"]),
+    )  # fmt: skip
+    with capture_logs() as logs:
+        async with running(config) as agent:
+            await eventually(lambda: agent.status.etcd_reachable is False, what="the TLS failure")
+            rounds = agent.status.rounds
+            await eventually(lambda: agent.status.rounds >= rounds + 3, what="checks go on")
+    [unreachable] = [e for e in logs if e["event"] == "etcd unreachable"]
+    assert "CERTIFICATE_VERIFY_FAILED" in unreachable["error"]
+
+
+def test_tls_files_that_do_not_match_are_exit_2(tls_files: dict[str, Path]) -> None:
+    flags = {"service": "web", "port": "80", "ip": "127.0.0.1", "etcd_cacert": str(tls_files["ca"]),
+             "etcd_cert": str(tls_files["client"]), "etcd_key": str(tls_files["server-key"])}  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        load_config(flags, {}, AMBIENT)
+    assert str(tls_files["client"]) in str(info.value)
+    assert "not usable" in str(info.value)
+    flags["etcd_cacert"] = str(tls_files["client-key"])  # a key is no CA bundle
+    flags["etcd_key"] = str(tls_files["client-key"])
+    with pytest.raises(ConfigError, match="not usable"):
+        load_config(flags, {}, AMBIENT)
+
+
+def enable_auth(etcd: EtcdServer) -> None:
+    """Least privilege: the agent's role may read and write its key prefix, nothing else."""
+    etcdctl(etcd, "user", "add", "root:root-pw")
+    etcdctl(etcd, "role", "add", "announcer")
+    etcdctl(etcd, "role", "grant-permission", "announcer", "--prefix=true", "readwrite", "/services/web/")
+    etcdctl(etcd, "user", "add", "announcer:agent-pw")
+    etcdctl(etcd, "user", "grant-role", "announcer", "announcer")
+    etcdctl(etcd, "auth", "enable")
+
+
+@pytest.fixture
+def auth_etcd(etcd: EtcdServer) -> Iterator[EtcdServer]:
+    # A short token TTL forces the agent to log in again while it runs.
+    etcd.stop()
+    etcd.wipe()
+    etcd.extra_args = ("--auth-token-ttl", "2")
+    etcd.start()
+    enable_auth(etcd)
+    yield etcd
+
+
+async def test_rbac_least_privilege_and_token_expiry(
+    auth_etcd: EtcdServer, http_service: HttpService, tmp_path: Path
+) -> None:
+    key = KEY.format(port=http_service.port)
+    password_file = tmp_path / "etcd-password"
+    password_file.write_text("agent-pw\n")
+    # TTL 9: a keepalive and a read every 3 s, longer than the 2 s token TTL, so the
+    # token expires between two refreshes and the agent must log in again.
+    config = agent_config(auth_etcd.url, http_service.port, etcd_user="announcer",
+                          etcd_password_file=str(password_file), ttl="9")  # fmt: skip
+
+    def mod_revision() -> int | None:
+        out = json.loads(etcdctl(auth_etcd, "get", key, "-w", "json", user="root:root-pw"))
+        kvs = out.get("kvs") or []
+        return int(kvs[0]["mod_revision"]) if kvs else None
+
+    def logins(agent) -> float:  # type: ignore[no-untyped-def]
+        return sample(agent, "announcer_etcd_requests_total", operation="authenticate", outcome="ok")
+
+    async with running(config) as agent:
+        await eventually(lambda: mod_revision() is not None, what="announce with auth")
+        revision = mod_revision()
+        await eventually(lambda: logins(agent) >= 3, timeout=30, what="two logins after token expiry")
+        assert mod_revision() == revision  # the record never dropped nor was rewritten
+        http_service.status = 500
+        await eventually(lambda: mod_revision() is None, what="withdraw with auth")
+        http_service.status = 200
+        await eventually(lambda: mod_revision() is not None, timeout=15, what="re-announce")
+        assert sample(agent, "announcer_etcd_requests_total", operation="put", outcome="auth_error") == 0
+    assert mod_revision() is None  # withdrawn at shutdown with the same least-privilege role
+
+
+async def test_wrong_etcd_password_is_a_clear_error(auth_etcd: EtcdServer, http_service: HttpService) -> None:
+    config = agent_config(auth_etcd.url, http_service.port, etcd_user="announcer:wrong-pw")
+    with capture_logs() as logs:
+        async with running(config) as agent:
+            await eventually(
+                lambda: any(e["event"] == "etcd refused the request" for e in logs), what="refusal"
+            )
+            assert not agent.status.registered
+    refusals = [e for e in logs if e["event"] == "etcd refused the request"]
+    assert len(refusals) == 1  # logged once, not once per retry
+    assert "etcd login as 'announcer' failed" in refusals[0]["error"]
+    assert "wrong-pw" not in str(logs)
