@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import ssl
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -101,7 +100,7 @@ def tls_files(tmp_path: Path) -> dict[str, Path]:
 
 
 @pytest.fixture
-def tls_etcd(etcd: EtcdServer, tls_files: dict[str, Path]) -> Iterator[EtcdServer]:
+def tls_etcd(etcd: EtcdServer, tls_files: dict[str, Path]) -> EtcdServer:
     etcd.stop()
     etcd.wipe()
     etcd.scheme = "https"
@@ -113,7 +112,7 @@ def tls_etcd(etcd: EtcdServer, tls_files: dict[str, Path]) -> Iterator[EtcdServe
     context.load_cert_chain(str(tls_files["client"]), str(tls_files["client-key"]))
     etcd.client_kwargs = {"verify": context}
     etcd.start()
-    yield etcd
+    return etcd  # the etcd fixture stops it
 
 
 async def test_tls_with_client_certificates(
@@ -169,14 +168,14 @@ def enable_auth(etcd: EtcdServer) -> None:
 
 
 @pytest.fixture
-def auth_etcd(etcd: EtcdServer) -> Iterator[EtcdServer]:
+def auth_etcd(etcd: EtcdServer) -> EtcdServer:
     # A short token TTL forces the agent to log in again while it runs.
     etcd.stop()
     etcd.wipe()
     etcd.extra_args = ("--auth-token-ttl", "2")
     etcd.start()
     enable_auth(etcd)
-    yield etcd
+    return etcd  # the etcd fixture stops it
 
 
 async def test_rbac_least_privilege_and_token_expiry(

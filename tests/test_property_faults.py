@@ -47,7 +47,8 @@ class Run:
             self.foreign = None  # a fresh healthy agent announces: it takes the key over
 
     async def stop_agent(self) -> None:
-        assert self.stop is not None and self.task is not None
+        assert self.stop is not None
+        assert self.task is not None
         self.stop.set()
         await asyncio.wait_for(self.task, 15)
         self.agent = None
