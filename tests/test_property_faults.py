@@ -13,6 +13,7 @@ import asyncio
 import random
 from typing import Any
 
+import httpx
 import pytest
 
 from announcer.agent import Agent
@@ -62,7 +63,10 @@ class Run:
 
     def observed(self) -> str:
         reader = next(m for m in self.cluster.members if self.impaired is None or m is not self.impaired[0])
-        kv = reader.get(self.key)
+        try:
+            kv = reader.get(self.key)
+        except httpx.HTTPError:  # e.g. 503 "no leader" while the cluster elects one: look again
+            return "unreadable"
         if kv is None:
             return "absent"
         if self.foreign is not None and kv["lease"] == self.foreign:
@@ -122,9 +126,18 @@ class Run:
         self.start_agent()
 
     async def takeover(self) -> None:
-        reader = next(m for m in self.cluster.members if self.impaired is None or m is not self.impaired[0])
-        self.foreign = reader.grant(60)
-        reader.put(self.key, '{"host":"successor"}', self.foreign)
+        writer = next(m for m in self.cluster.members if self.impaired is None or m is not self.impaired[0])
+
+        def put() -> bool:
+            try:
+                lease = writer.grant(60)
+                writer.put(self.key, '{"host":"successor"}', lease)
+            except httpx.HTTPError:  # no leader for a moment: try again
+                return False
+            self.foreign = lease
+            return True
+
+        await eventually(put, timeout=20, what="another instance's put")
 
 
 @pytest.mark.slow

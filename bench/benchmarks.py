@@ -1,0 +1,409 @@
+"""The benchmarks: announcer side by side with the shell loop it replaces, in one run.
+
+Each function starts what it needs (a real etcd with the v2 API on, a real HTTP
+service, the contenders), measures, stops everything by PID, and returns rows for
+a table: a list of dicts with the same keys.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.harness import (
+    Etcd,
+    HttpService,
+    announcer_key,
+    loop_env,
+    loop_stop_command,
+    proc_stat,
+    start_announcer,
+    start_loop,
+    stop_process,
+    summary,
+    wait_for,
+    workspace,
+)
+
+Rows = list[dict[str, Any]]
+LOOP_KEY = "/services/apache/127.0.0.1"
+
+
+@dataclass(frozen=True)
+class Mode:
+    quick: bool
+
+    @property
+    def loop_sleep(self) -> float:
+        # Quick mode only proves the benchmarks work: the loop sleeps 2 s, not its real 20.
+        return 2.0 if self.quick else 20.0
+
+
+@dataclass
+class Contender:
+    name: str
+    exists: Callable[[], bool]
+    process: subprocess.Popen[bytes]
+
+
+def contenders(etcd: Etcd, service: HttpService, mode: Mode) -> list[Contender]:
+    sleep = mode.loop_sleep
+    loop = start_loop(etcd, service.port, sleep=sleep)
+    fair = start_announcer(
+        etcd,
+        service.port,
+        "--interval",
+        str(sleep),
+        "--rise",
+        "1",
+        "--fall",
+        "1",
+        service="apache-loopcadence",
+    )
+    default = start_announcer(etcd, service.port, service="apache-default")
+    fair_key = announcer_key(service.port, "apache-loopcadence")
+    default_key = announcer_key(service.port, "apache-default")
+    return [
+        Contender(f"loop (curl+etcdctl, sleep {sleep:g})", lambda: etcd.v2_exists(LOOP_KEY), loop),
+        Contender(
+            f"announcer --interval {sleep:g} --rise 1 --fall 1", lambda: etcd.v3_exists(fair_key), fair
+        ),
+        Contender("announcer (defaults: 2 s, rise 2, fall 2)", lambda: etcd.v3_exists(default_key), default),
+    ]
+
+
+def _until_all(cs: list[Contender], present: bool, started: float, cap: float) -> dict[str, float]:
+    """Seconds from ``started`` until each contender's record is (not) there."""
+    done: dict[str, float] = {}
+    while len(done) < len(cs):
+        now = time.monotonic()
+        for c in cs:
+            if c.name not in done and c.exists() == present:
+                done[c.name] = now - started
+        if now - started > cap:
+            for c in cs:
+                done.setdefault(c.name, float("nan"))
+            break
+        time.sleep(0.05)
+    return done
+
+
+def detection(mode: Mode) -> Rows:
+    """Seconds from the service being killed to the record gone, and from its return to the record back."""
+    trials = 1 if mode.quick else 6
+    down: dict[str, list[float]] = {}
+    up: dict[str, list[float]] = {}
+    rng = random.Random(7)
+    with workspace() as tmp:
+        etcd, service = Etcd(tmp).start(), HttpService(tmp).start()
+        cs = contenders(etcd, service, mode)
+        try:
+            for c in cs:
+                wait_for(c.exists, 60, f"{c.name} to register")
+            for _ in range(trials):
+                time.sleep(rng.uniform(0, mode.loop_sleep))  # a random phase against each loop
+                killed = time.monotonic()
+                service.kill()
+                for name, seconds in _until_all(cs, False, killed, 3 * mode.loop_sleep + 10).items():
+                    down.setdefault(name, []).append(seconds)
+                time.sleep(rng.uniform(0, mode.loop_sleep))
+                restarted = time.monotonic()
+                service.start()
+                for name, seconds in _until_all(cs, True, restarted, 3 * mode.loop_sleep + 10).items():
+                    up.setdefault(name, []).append(seconds)
+        finally:
+            for c in cs:
+                stop_process(c.process)
+            service.kill()
+            etcd.stop()
+    rows = []
+    for c in cs:
+        for what, data in (("dead -> withdrawn", down), ("back -> announced", up)):
+            rows.append({"contender": c.name, "event": what, **_seconds(summary(data[c.name]))})
+    return _with_ratio(rows, "event", "median")
+
+
+def noise(mode: Mode) -> Rows:
+    """etcd revisions and watch events per instance-hour while nothing changes."""
+    window = 20.0 if mode.quick else 120.0
+    with workspace() as tmp:
+        etcd, service = Etcd(tmp).start(), HttpService(tmp).start()
+        cs = contenders(etcd, service, mode)
+        try:
+            for c in cs:
+                wait_for(c.exists, 60, f"{c.name} to register")
+            time.sleep(mode.loop_sleep)  # past the first writes
+            v2_before, v3_before = etcd.v2_index(), etcd.revision()
+            time.sleep(window)
+            v2_writes, v3_writes = etcd.v2_index() - v2_before, etcd.revision() - v3_before
+        finally:
+            for c in cs:
+                stop_process(c.process)
+            service.kill()
+            etcd.stop()
+    per_hour = 3600.0 / window
+    # Only the loop writes v2 keys; the two announcers share the v3 count. Every write is one
+    # event for every watcher of the prefix.
+    return [
+        {"contender": cs[0].name, "revisions/instance-hour": v2_writes * per_hour,
+         "watch events/watcher/instance-hour": v2_writes * per_hour, "window s": window},
+        {"contender": "announcer (both settings)", "revisions/instance-hour": v3_writes / 2 * per_hour,
+         "watch events/watcher/instance-hour": v3_writes / 2 * per_hour, "window s": window},
+    ]  # fmt: skip
+
+
+def shutdown(mode: Mode) -> Rows:
+    """SIGTERM to record gone; and with etcd frozen, SIGTERM to exit."""
+    trials = 1 if mode.quick else 5
+    results: dict[str, list[float]] = {}
+    with workspace() as tmp:
+        etcd, service = Etcd(tmp).start(), HttpService(tmp).start()
+        try:
+            for _ in range(trials):
+                agent = start_announcer(etcd, service.port)
+                key = announcer_key(service.port)
+                wait_for(lambda k=key: etcd.v3_exists(k), 30, "announce")
+                t0 = time.monotonic()
+                agent.send_signal(signal.SIGTERM)
+                gone = wait_for(lambda k=key: not etcd.v3_exists(k), 30, "withdraw", poll=0.005)
+                agent.wait(30)
+                results.setdefault("announcer: SIGTERM -> record gone", []).append(gone - t0)
+                results.setdefault("announcer: SIGTERM -> exit", []).append(time.monotonic() - t0)
+
+                loop = start_loop(etcd, service.port, sleep=mode.loop_sleep)
+                wait_for(lambda: etcd.v2_exists(LOOP_KEY), 30, "loop registers")
+                t0 = time.monotonic()
+                stop_process(loop)  # systemd: SIGTERM the loop, then run ExecStop
+                subprocess.run(loop_stop_command(etcd), env=loop_env(etcd, service.port), check=False,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)  # fmt: skip
+                gone = wait_for(lambda: not etcd.v2_exists(LOOP_KEY), 30, "loop's ExecStop", poll=0.005)
+                results.setdefault("loop: SIGTERM + ExecStop rm -> record gone", []).append(gone - t0)
+
+            for _ in range(trials):
+                agent = start_announcer(etcd, service.port, "--shutdown-timeout", "5")
+                wait_for(lambda: etcd.v3_exists(announcer_key(service.port)), 30, "announce")
+                assert etcd.process is not None
+                os.kill(etcd.process.pid, signal.SIGSTOP)
+                try:
+                    t0 = time.monotonic()
+                    agent.send_signal(signal.SIGTERM)
+                    agent.wait(60)
+                    results.setdefault("announcer, etcd frozen: SIGTERM -> exit", []).append(
+                        time.monotonic() - t0
+                    )
+                    t0 = time.monotonic()
+                    try:
+                        subprocess.run(loop_stop_command(etcd), env=loop_env(etcd, service.port), check=False,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)  # fmt: skip
+                        elapsed = time.monotonic() - t0
+                    except subprocess.TimeoutExpired:
+                        elapsed = float("inf")
+                    results.setdefault("loop, etcd frozen: ExecStop rm -> exit", []).append(elapsed)
+                finally:
+                    os.kill(etcd.process.pid, signal.SIGCONT)
+                wait_for(lambda: not etcd.v3_exists(announcer_key(service.port)), 60, "lease expiry")
+        finally:
+            service.kill()
+            etcd.stop()
+    return [{"measure": name, **_seconds(summary(values))} for name, values in results.items()]
+
+
+def footprint(mode: Mode) -> Rows:
+    """Memory and CPU of one agent against the loop, and what each probe costs."""
+    window = 15.0 if mode.quick else 90.0
+    rows: Rows = []
+    with workspace() as tmp:
+        etcd, service = Etcd(tmp).start(), HttpService(tmp).start()
+        try:
+            agents = {interval: start_announcer(etcd, service.port, "--interval", str(interval),
+                                                "--timeout", str(interval / 2), service=f"fp{interval:g}")
+                      for interval in (2.0, 1.0)}  # fmt: skip
+            for interval in agents:
+                wait_for(
+                    lambda i=interval: etcd.v3_exists(announcer_key(service.port, f"fp{i:g}")), 30, "announce"
+                )
+            before = {i: proc_stat(p.pid) for i, p in agents.items()}
+            time.sleep(window)
+            after = {i: proc_stat(p.pid) for i, p in agents.items()}
+            for interval, process in agents.items():
+                cpu = after[interval].cpu_s - before[interval].cpu_s
+                probes = window / interval
+                rows.append({
+                    "contender": f"announcer --interval {interval:g}",
+                    "peak RSS MB": after[interval].peak_rss_kb / 1024,
+                    "steady RSS MB": after[interval].rss_kb / 1024,
+                    "CPU s/hour": cpu * 3600 / window,
+                    "CPU ms/probe": 1000 * cpu / probes,
+                })  # fmt: skip
+                stop_process(process)
+            rows.append(_loop_footprint(etcd, service, mode))
+        finally:
+            service.kill()
+            etcd.stop()
+    loop_probe = rows[-1]["CPU ms/probe"]
+    for row in rows[:-1]:
+        # At the loop's CPU budget (one pass every 20 s), how often could announcer probe, and
+        # what median detection delay would that give (fall 2: a failure lands uniformly within
+        # an interval, then one more failing round: (fall - 1/2) x interval)?
+        interval = 20.0 * row["CPU ms/probe"] / loop_probe
+        row["interval at loop's CPU budget s"] = interval
+        row["median detection at that budget s"] = 1.5 * interval
+    rows[-1]["interval at loop's CPU budget s"] = 20.0
+    rows[-1]["median detection at that budget s"] = 10.0  # uniform over the 20 s sleep
+    return rows
+
+
+def _loop_footprint(etcd: Etcd, service: HttpService, mode: Mode) -> dict[str, Any]:
+    # CPU per pass: run the loop with a short sleep and count its passes by its v2 writes;
+    # the shell's reaped children (curl, etcdctl) are counted in its cutime/cstime.
+    burst = 5.0 if mode.quick else 20.0
+    index_before = etcd.v2_index()
+    loop = start_loop(etcd, service.port, sleep=0.25)
+    time.sleep(burst)
+    stat = proc_stat(loop.pid)
+    passes = etcd.v2_index() - index_before
+    stop_process(loop)
+    cpu_per_pass = (stat.cpu_s + stat.children_cpu_s) / max(passes, 1)
+    # The loop's memory: the shell, plus the largest child it forks each pass.
+    peaks = [_child_peak_kb(cmd, etcd, service) for cmd in (
+        ["curl", "-f", "-s", "-o", "/dev/null", f"http://127.0.0.1:{service.port}/"],
+        [*loop_stop_command(etcd)[:1], "set", LOOP_KEY, "{}", "--ttl", "30"],
+    )]  # fmt: skip
+    return {
+        "contender": "loop (sh + curl + etcdctl per pass, sleep 20)",
+        "peak RSS MB": (stat.peak_rss_kb + max(peaks)) / 1024,
+        "steady RSS MB": stat.rss_kb / 1024,
+        "CPU s/hour": cpu_per_pass * 180,  # 3 passes a minute
+        "CPU ms/probe": 1000 * cpu_per_pass,
+    }
+
+
+def _child_peak_kb(command: list[str], etcd: Etcd, service: HttpService) -> int:
+    process = subprocess.Popen(command, env=loop_env(etcd, service.port), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    _, _, usage = os.wait4(process.pid, 0)
+    process.returncode = 0
+    return int(usage.ru_maxrss)
+
+
+def startup(mode: Mode) -> Rows:
+    """Seconds from exec to the record present (interpreter and imports included)."""
+    trials = 1 if mode.quick else 5
+    results: dict[str, list[float]] = {}
+    with workspace() as tmp:
+        etcd, service = Etcd(tmp).start(), HttpService(tmp).start()
+        try:
+            for i in range(trials):
+                for label, args in (
+                    ("announcer (rise 2, interval 2)", ()),
+                    ("announcer --rise 1", ("--rise", "1")),
+                ):
+                    name = f"st{i}{len(args)}"
+                    t0 = time.monotonic()
+                    agent = start_announcer(etcd, service.port, *args, service=name)
+                    seen = wait_for(lambda n=name: etcd.v3_exists(announcer_key(service.port, n)), 30, "announce",
+                                    poll=0.005)  # fmt: skip
+                    results.setdefault(label, []).append(seen - t0)
+                    stop_process(agent)
+                subprocess.run(loop_stop_command(etcd), env=loop_env(etcd, service.port), check=False,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                t0 = time.monotonic()
+                loop = start_loop(etcd, service.port, sleep=mode.loop_sleep)
+                seen = wait_for(lambda: etcd.v2_exists(LOOP_KEY), 30, "loop registers", poll=0.005)
+                results.setdefault("loop (first pass)", []).append(seen - t0)
+                stop_process(loop)
+        finally:
+            service.kill()
+            etcd.stop()
+    return [{"contender": name, **_seconds(summary(values))} for name, values in results.items()]
+
+
+def scale(mode: Mode) -> Rows:
+    """N agents against one etcd: the etcd requests they cause, their CPU and memory."""
+    window = 15.0 if mode.quick else 60.0
+    sizes = (1, 10) if mode.quick else (1, 10, 100)
+    rows: Rows = []
+    with workspace() as tmp:
+        etcd, service = Etcd(tmp).start(), HttpService(tmp).start()
+        try:
+            for n in sizes:
+                check = f"http://127.0.0.1:{service.port}/"
+                agents = [
+                    start_announcer(etcd, 20000 + i, "--check", check, service=f"scale{n}") for i in range(n)
+                ]
+                try:
+                    wait_for(lambda n=n: all(etcd.v3_exists(announcer_key(20000 + i, f"scale{n}")) for i in range(n)),
+                             120, f"{n} agents to register", poll=0.5)  # fmt: skip
+                    time.sleep(10)  # past the first keepalive of every agent
+                    before_requests, before = etcd.grpc_requests(), [proc_stat(a.pid) for a in agents]
+                    time.sleep(window)
+                    after_requests, after = etcd.grpc_requests(), [proc_stat(a.pid) for a in agents]
+                finally:
+                    for agent in agents:
+                        agent.send_signal(signal.SIGTERM)
+                    for agent in agents:
+                        stop_process(agent)
+                rate = (after_requests - before_requests) / window
+                cpu = sum(a.cpu_s - b.cpu_s for a, b in zip(after, before, strict=True))
+                rows.append({
+                    "agents": n,
+                    "etcd requests/s": rate,
+                    "etcd requests/s per agent": rate / n,
+                    "agents' CPU % of one core": 100 * cpu / window,
+                    "agents' RSS MB": sum(a.rss_kb for a in after) / 1024,
+                })  # fmt: skip
+        finally:
+            service.kill()
+            etcd.stop()
+    return rows
+
+
+def projection(scale_rows: Rows, ttl: float = 30.0) -> Rows:
+    """What 10,000 instances cost an etcd cluster, from the measured per-agent rate."""
+    instances = 10_000
+    per_agent = scale_rows[-1]["etcd requests/s per agent"]
+    return [
+        {"contender": "loop", "arithmetic": "10,000 x 3 writes/min / 60",
+         "writes/s": instances * 3 / 60, "requests/s": instances * 3 / 60 * 2,
+         "watch events/s per watcher": instances * 3 / 60},
+        {"contender": "announcer (steady state)",
+         "arithmetic": f"10,000 x (1 keepalive + 1 read) / (TTL {ttl:g}/3 s); measured {per_agent:.3f} req/s/agent",
+         "writes/s": 0.0, "requests/s": instances * per_agent, "watch events/s per watcher": 0.0},
+    ]  # fmt: skip
+
+
+def _seconds(stats: dict[str, float]) -> dict[str, float]:
+    return {("n" if k == "n" else f"{k} s"): v for k, v in stats.items()}
+
+
+def _with_ratio(rows: Rows, group: str, stat: str) -> Rows:
+    """announcer / loop for the same event (below 1: announcer is faster)."""
+    loop = {r[group]: r.get(f"{stat} s") for r in rows if r["contender"].startswith("loop")}
+    for row in rows:
+        base = loop.get(row[group])
+        value = row.get(f"{stat} s")
+        row[f"{stat} / loop"] = value / base if base and value is not None else None
+    return rows
+
+
+BENCHMARKS: dict[str, Callable[[Mode], Rows]] = {
+    "detection": detection,
+    "noise": noise,
+    "shutdown": shutdown,
+    "footprint": footprint,
+    "startup": startup,
+    "scale": scale,
+}
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU")  # fmt: skip
+    return f"{os.cpu_count()} cores, {cpu}"

@@ -1,0 +1,41 @@
+"""The benchmarks keep working: each runs in its quick mode and yields a full table.
+
+These assert that the measurements happened, never how fast anything was.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPECTED_ROWS = {"detection": 6, "noise": 2, "shutdown": 5, "footprint": 3, "startup": 3, "scale": 2}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(EXPECTED_ROWS))
+def test_benchmark_quick_mode(name: str, tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", name, "--quick", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"## {name} (" in done.stdout  # the table was printed
+    results = json.loads(out.read_text())
+    assert results["quick"] is True
+    rows = results[name]
+    assert len(rows) == EXPECTED_ROWS[name]
+    for row in rows:
+        numbers = [v for v in row.values() if isinstance(v, float)]
+        assert numbers, row
+        assert all(not math.isnan(v) for v in numbers), row  # every contender was measured
+    if name == "scale":
+        assert [r["agents"] for r in rows] == [1, 10]
+        assert all(r["etcd requests/s"] > 0 for r in rows)
+        assert len(results["projection"]) == 2
