@@ -106,12 +106,16 @@ class HttpCheck:
     def _accepted(self, status: int) -> bool:
         return any(low <= status <= high for low, high in self.statuses)
 
+    @cached_property
+    def _client(self) -> httpx.AsyncClient:
+        # One client for the check's life (building one costs more than a request), but no
+        # kept-alive connections: every round opens a fresh one, proving a new client gets in.
+        return httpx.AsyncClient(
+            verify=self._verify, trust_env=False, limits=httpx.Limits(max_keepalive_connections=0)
+        )
+
     async def __call__(self) -> CheckResult:
-        # A fresh connection each round: the check proves a new client gets in.
-        async with (
-            httpx.AsyncClient(verify=self._verify, trust_env=False) as client,
-            client.stream(self.method, self.url, headers=dict(self.headers)) as response,
-        ):
+        async with self._client.stream(self.method, self.url, headers=dict(self.headers)) as response:
             status = response.status_code
             if not self._accepted(status):
                 return CheckResult(False, f"HTTP {status}")

@@ -111,9 +111,11 @@ class EtcdClient:
         self._token: str | None = None
         self._observe = observe
         context = settings.ssl_context()
+        uses_tls = any(e.startswith("https:") for e in self._endpoints)
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(settings.timeout),
-            verify=context if context is not None else True,
+            # Plain-HTTP endpoints need no CA bundle: loading one costs memory and start-up time.
+            verify=context if context is not None else uses_tls,
             transport=transport,
             trust_env=False,
         )
