@@ -14,6 +14,7 @@ import httpx
 
 from announcer.checks import CheckResult
 from announcer.checks._options import Options
+from announcer.checks._url import UrlCheck
 from announcer.errors import ConfigError
 from announcer.redact import redact_url
 
@@ -47,9 +48,8 @@ def _status_range(item: Any) -> tuple[int, int]:
     raise ConfigError(f"http check status {item!r} must be a code like 200 or a range like '200-299'")
 
 
-@dataclass(frozen=True)
-class HttpCheck:
-    url: str
+@dataclass(frozen=True, kw_only=True)
+class HttpCheck(UrlCheck):
     method: str = "GET"
     headers: Mapping[str, str] = field(default_factory=dict)
     statuses: tuple[tuple[int, int], ...] = ((100, 399),)
@@ -74,6 +74,7 @@ class HttpCheck:
             raise ConfigError(f"http check body_regex {regex!r} is invalid: {exc}") from None
         check = cls(
             url=spec,
+            password=url.password or None,
             method=method,
             headers=opts.string_map("headers"),
             statuses=parse_statuses(opts.raw("status")),
@@ -84,15 +85,6 @@ class HttpCheck:
         )
         opts.done()
         return check
-
-    @property
-    def name(self) -> str:
-        return redact_url(self.url)
-
-    @property
-    def secrets(self) -> tuple[str, ...]:
-        password = httpx.URL(self.url).password
-        return (password,) if password else ()
 
     @cached_property
     def _verify(self) -> ssl.SSLContext | bool:

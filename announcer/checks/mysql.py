@@ -6,27 +6,24 @@ PyMySQL, so the sidekick image needs no compiler and no client library.
 
 from __future__ import annotations
 
-import os
 import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 import aiomysql
 
 from announcer.checks import CheckResult
 from announcer.checks._options import Options, tls_context
-from announcer.errors import ConfigError
-from announcer.redact import redact_url
+from announcer.checks._url import UrlCheck, resolve_password, split_url
 
 ACCESS_DENIED, UNKNOWN_DATABASE = 1045, 1049
 
 
-@dataclass(frozen=True)
-class MysqlCheck:
-    url: str
+@dataclass(frozen=True, kw_only=True)
+class MysqlCheck(UrlCheck):
     host: str
     port: int
     user: str
@@ -35,45 +32,26 @@ class MysqlCheck:
     tls: bool = False
     verify: bool = True
     ca_file: Path | None = None
-    password: str = field(default="", repr=False)
 
     @classmethod
     def from_spec(cls, spec: str, options: Mapping[str, Any]) -> Self:
-        try:
-            parts = urlsplit(spec)
-            port = parts.port or 3306
-        except ValueError as exc:
-            raise ConfigError(f"mysql check {redact_url(spec)!r}: {exc}") from None
-        if not parts.hostname:
-            raise ConfigError(f"mysql check {redact_url(spec)!r} must look like mysql://user@host:port/db")
+        parts = split_url("mysql", spec, "mysql://user@host:port/db")
+        assert parts.hostname is not None
         opts = Options("mysql", options)
-        password = (
-            (unquote(parts.password) if parts.password else None)
-            or opts.secret_file("password_file")
-            or os.environ.get("MYSQL_PWD", "")
-        )
         check = cls(
             url=spec,
+            password=resolve_password(parts, opts, "MYSQL_PWD"),
             host=parts.hostname,
-            port=port,
+            port=parts.port or 3306,
             user=unquote(parts.username or "root"),
             database=parts.path.lstrip("/") or None,
             query=opts.string("query") or "SELECT 1",
             tls=opts.boolean("ssl", default=False),
             verify=opts.boolean("verify", default=True),
             ca_file=opts.readable_file("ca_file"),
-            password=password,
         )
         opts.done()
         return check
-
-    @property
-    def name(self) -> str:
-        return redact_url(self.url)
-
-    @property
-    def secrets(self) -> tuple[str, ...]:
-        return (self.password,) if self.password else ()
 
     def _ssl(self) -> ssl.SSLContext | None:
         if not self.tls and self.ca_file is None:
@@ -83,7 +61,7 @@ class MysqlCheck:
     async def __call__(self) -> CheckResult:
         try:
             conn = await aiomysql.connect(
-                host=self.host, port=self.port, user=self.user, password=self.password,
+                host=self.host, port=self.port, user=self.user, password=self.password or "",
                 db=self.database, ssl=self._ssl(), autocommit=True,
             )  # fmt: skip
         except aiomysql.OperationalError as exc:

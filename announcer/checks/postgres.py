@@ -6,60 +6,43 @@ needed in the image, and it honours ``PGPASSWORD`` and ``~/.pgpass`` as libpq do
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
-from urllib.parse import urlsplit
 
 import asyncpg
 
 from announcer.checks import CheckResult
 from announcer.checks._options import Options, tls_context
+from announcer.checks._url import UrlCheck, resolve_password, split_url
 from announcer.errors import ConfigError
-from announcer.redact import redact_url
 
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
-@dataclass(frozen=True)
-class PostgresCheck:
-    dsn: str
+@dataclass(frozen=True, kw_only=True)
+class PostgresCheck(UrlCheck):
     query: str = "SELECT 1"
     sslmode: str | None = None
     ca_file: Path | None = None
-    password: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_spec(cls, spec: str, options: Mapping[str, Any]) -> Self:
-        parts = urlsplit(spec)
-        if not parts.hostname:
-            raise ConfigError(
-                f"postgresql check {redact_url(spec)!r} must look like postgresql://user@host:port/db"
-            )
+        parts = split_url("postgresql", spec, "postgresql://user@host:port/db")
         opts = Options("postgresql", options)
         sslmode = opts.string("sslmode")
         if sslmode is not None and sslmode not in SSLMODES:
             raise ConfigError(f"postgresql check sslmode {sslmode!r} is not one of {', '.join(SSLMODES)}")
-        password = parts.password or opts.secret_file("password_file") or os.environ.get("PGPASSWORD")
         check = cls(
-            dsn=spec,
+            url=spec,
+            password=resolve_password(parts, opts, "PGPASSWORD"),
             query=opts.string("query") or "SELECT 1",
             sslmode=sslmode,
             ca_file=opts.readable_file("ca_file"),
-            password=password,
         )
         opts.done()
         return check
-
-    @property
-    def name(self) -> str:
-        return redact_url(self.dsn)
-
-    @property
-    def secrets(self) -> tuple[str, ...]:
-        return (self.password,) if self.password else ()
 
     def _ssl(self) -> Any:  # asyncpg takes a context or an sslmode name
         if self.sslmode in ("verify-ca", "verify-full"):
@@ -70,7 +53,7 @@ class PostgresCheck:
 
     async def __call__(self) -> CheckResult:
         try:
-            conn = await asyncpg.connect(self.dsn, password=self.password, ssl=self._ssl())
+            conn = await asyncpg.connect(self.url, password=self.password, ssl=self._ssl())
         except asyncpg.InvalidPasswordError as exc:
             return CheckResult(False, f"authentication failed: {exc}")
         except asyncpg.InvalidAuthorizationSpecificationError as exc:

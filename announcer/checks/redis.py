@@ -5,63 +5,44 @@ Driver: redis-py's asyncio client (extra ``redis``): the maintained official cli
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
-from urllib.parse import unquote, urlsplit
 
 import redis.asyncio
 import redis.exceptions
 
 from announcer.checks import CheckResult
 from announcer.checks._options import Options
+from announcer.checks._url import UrlCheck, resolve_password, split_url
 from announcer.errors import ConfigError
-from announcer.redact import redact_url
 
 ROLES = ("master", "slave", "replica", "sentinel")
 
 
-@dataclass(frozen=True)
-class RedisCheck:
-    url: str
+@dataclass(frozen=True, kw_only=True)
+class RedisCheck(UrlCheck):
     role: str | None = None
     verify: bool = True
     ca_file: Path | None = None
-    password: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_spec(cls, spec: str, options: Mapping[str, Any]) -> Self:
-        parts = urlsplit(spec)
-        if not parts.hostname:
-            raise ConfigError(f"redis check {redact_url(spec)!r} must look like redis://[user@]host:port/db")
+        parts = split_url("redis", spec, "redis://[user@]host:port/db")
         opts = Options("redis", options)
         role = opts.string("role")
         if role is not None and role not in ROLES:
             raise ConfigError(f"redis check role {role!r} is not one of {', '.join(ROLES)}")
-        password = (
-            (unquote(parts.password) if parts.password else None)
-            or opts.secret_file("password_file")
-            or os.environ.get("REDISCLI_AUTH")
-        )
         check = cls(
             url=spec,
+            password=resolve_password(parts, opts, "REDISCLI_AUTH"),
             role="slave" if role == "replica" else role,
             verify=opts.boolean("verify", default=True),
             ca_file=opts.readable_file("ca_file"),
-            password=password,
         )
         opts.done()
         return check
-
-    @property
-    def name(self) -> str:
-        return redact_url(self.url)
-
-    @property
-    def secrets(self) -> tuple[str, ...]:
-        return (self.password,) if self.password else ()
 
     def _client(self) -> redis.asyncio.Redis:
         kwargs: dict[str, Any] = {"password": self.password, "single_connection_client": True}
