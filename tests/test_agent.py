@@ -128,6 +128,7 @@ async def test_etcd_killed_and_restarted_empty(etcd: EtcdServer, http_service: H
             )
             etcd.start()
             await eventually(lambda: etcd.get(key) is not None, timeout=15, what="announced again")
+            await eventually(lambda: agent.status.etcd_reachable is True, what="etcd seen back")
         kv = etcd.get(key)
         assert kv is not None
         assert kv["lease"] != old_lease
