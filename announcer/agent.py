@@ -92,7 +92,7 @@ class Agent:
         self._grants_counted = 0
         self._etcd_answers = 0  # requests etcd answered (any answer proves it reachable)
         self._last_refusal: str | None = None
-        self._in_line = asyncio.Event()  # etcd matches the first health verdict
+        self._ready = False  # etcd matched the first health verdict; READY=1 was sent
         self._notifier = notifier if notifier is not None else Notifier({})
         self._endpoint = (
             EndpointServer(listen, self.metrics.registry, self.health_report) if listen is not None else None
@@ -119,10 +119,6 @@ class Agent:
                     task.cancel()
         finally:
             await self._shutdown()
-
-    async def wait_in_line(self) -> None:
-        """Returns once etcd reflects the first health verdict (readiness)."""
-        await self._in_line.wait()
 
     def health_report(self) -> tuple[int, dict[str, object]]:
         """What /healthz answers: alive while a round ended within three intervals."""
@@ -245,8 +241,8 @@ class Agent:
                 self._last_refusal = None
                 if self._etcd_answers != answers or self._client is None:
                     self._set_reachable(True)
-                if self.status.health is not Health.UNKNOWN and not self._in_line.is_set():
-                    self._in_line.set()
+                if self.status.health is not Health.UNKNOWN and not self._ready:
+                    self._ready = True
                     self._notifier.send("READY=1")
                     self._tell_systemd("ready")
                 delay = max(0.0, keepalive_due - loop.time())

@@ -21,6 +21,7 @@ from bench.harness import (
     Etcd,
     HttpService,
     announcer_key,
+    etcd_and_service,
     loop_env,
     loop_stop_command,
     proc_stat,
@@ -29,7 +30,6 @@ from bench.harness import (
     stop_process,
     summary,
     wait_for,
-    workspace,
 )
 
 Rows = list[dict[str, Any]]
@@ -101,8 +101,7 @@ def detection(mode: Mode) -> Rows:
     down: dict[str, list[float]] = {}
     up: dict[str, list[float]] = {}
     rng = random.Random(7)
-    with workspace() as tmp:
-        etcd, service = Etcd(tmp).start(), HttpService(tmp).start()
+    with etcd_and_service() as (etcd, service):
         cs = contenders(etcd, service, mode)
         try:
             for c in cs:
@@ -121,8 +120,6 @@ def detection(mode: Mode) -> Rows:
         finally:
             for c in cs:
                 stop_process(c.process)
-            service.kill()
-            etcd.stop()
     rows = []
     for c in cs:
         for what, data in (("dead -> withdrawn", down), ("back -> announced", up)):
@@ -133,8 +130,7 @@ def detection(mode: Mode) -> Rows:
 def noise(mode: Mode) -> Rows:
     """etcd revisions and watch events per instance-hour while nothing changes."""
     window = 20.0 if mode.quick else 120.0
-    with workspace() as tmp:
-        etcd, service = Etcd(tmp).start(), HttpService(tmp).start()
+    with etcd_and_service() as (etcd, service):
         cs = contenders(etcd, service, mode)
         try:
             for c in cs:
@@ -146,8 +142,6 @@ def noise(mode: Mode) -> Rows:
         finally:
             for c in cs:
                 stop_process(c.process)
-            service.kill()
-            etcd.stop()
     per_hour = 3600.0 / window
     # Only the loop writes v2 keys; the two announcers share the v3 count. Every write is one
     # event for every watcher of the prefix.
@@ -163,56 +157,51 @@ def shutdown(mode: Mode) -> Rows:
     """SIGTERM to record gone; and with etcd frozen, SIGTERM to exit."""
     trials = 1 if mode.quick else 5
     results: dict[str, list[float]] = {}
-    with workspace() as tmp:
-        etcd, service = Etcd(tmp).start(), HttpService(tmp).start()
-        try:
-            for _ in range(trials):
-                agent = start_announcer(etcd, service.port)
-                key = announcer_key(service.port)
-                wait_for(lambda k=key: etcd.v3_exists(k), 30, "announce")
+    with etcd_and_service() as (etcd, service):
+        for _ in range(trials):
+            agent = start_announcer(etcd, service.port)
+            key = announcer_key(service.port)
+            wait_for(lambda k=key: etcd.v3_exists(k), 30, "announce")
+            t0 = time.monotonic()
+            agent.send_signal(signal.SIGTERM)
+            gone = wait_for(lambda k=key: not etcd.v3_exists(k), 30, "withdraw", poll=0.005)
+            agent.wait(30)
+            results.setdefault("announcer: SIGTERM -> record gone", []).append(gone - t0)
+            results.setdefault("announcer: SIGTERM -> exit", []).append(time.monotonic() - t0)
+
+            loop = start_loop(etcd, service.port, sleep=mode.loop_sleep)
+            wait_for(lambda: etcd.v2_exists(LOOP_KEY), 30, "loop registers")
+            t0 = time.monotonic()
+            stop_process(loop)  # systemd: SIGTERM the loop, then run ExecStop
+            subprocess.run(loop_stop_command(etcd), env=loop_env(etcd, service.port), check=False,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)  # fmt: skip
+            gone = wait_for(lambda: not etcd.v2_exists(LOOP_KEY), 30, "loop's ExecStop", poll=0.005)
+            results.setdefault("loop: SIGTERM + ExecStop rm -> record gone", []).append(gone - t0)
+
+        for i in range(trials):
+            # A service name per trial: the lease a frozen etcd kept need not run out first.
+            name = f"frozen{i}"
+            agent = start_announcer(etcd, service.port, "--shutdown-timeout", "5", service=name)
+            wait_for(lambda n=name: etcd.v3_exists(announcer_key(service.port, n)), 30, "announce")
+            assert etcd.process is not None
+            os.kill(etcd.process.pid, signal.SIGSTOP)
+            try:
                 t0 = time.monotonic()
                 agent.send_signal(signal.SIGTERM)
-                gone = wait_for(lambda k=key: not etcd.v3_exists(k), 30, "withdraw", poll=0.005)
-                agent.wait(30)
-                results.setdefault("announcer: SIGTERM -> record gone", []).append(gone - t0)
-                results.setdefault("announcer: SIGTERM -> exit", []).append(time.monotonic() - t0)
-
-                loop = start_loop(etcd, service.port, sleep=mode.loop_sleep)
-                wait_for(lambda: etcd.v2_exists(LOOP_KEY), 30, "loop registers")
+                agent.wait(60)
+                results.setdefault("announcer, etcd frozen: SIGTERM -> exit", []).append(
+                    time.monotonic() - t0
+                )
                 t0 = time.monotonic()
-                stop_process(loop)  # systemd: SIGTERM the loop, then run ExecStop
-                subprocess.run(loop_stop_command(etcd), env=loop_env(etcd, service.port), check=False,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)  # fmt: skip
-                gone = wait_for(lambda: not etcd.v2_exists(LOOP_KEY), 30, "loop's ExecStop", poll=0.005)
-                results.setdefault("loop: SIGTERM + ExecStop rm -> record gone", []).append(gone - t0)
-
-            for i in range(trials):
-                # A service name per trial: the lease a frozen etcd kept need not run out first.
-                name = f"frozen{i}"
-                agent = start_announcer(etcd, service.port, "--shutdown-timeout", "5", service=name)
-                wait_for(lambda n=name: etcd.v3_exists(announcer_key(service.port, n)), 30, "announce")
-                assert etcd.process is not None
-                os.kill(etcd.process.pid, signal.SIGSTOP)
                 try:
-                    t0 = time.monotonic()
-                    agent.send_signal(signal.SIGTERM)
-                    agent.wait(60)
-                    results.setdefault("announcer, etcd frozen: SIGTERM -> exit", []).append(
-                        time.monotonic() - t0
-                    )
-                    t0 = time.monotonic()
-                    try:
-                        subprocess.run(loop_stop_command(etcd), env=loop_env(etcd, service.port), check=False,
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)  # fmt: skip
-                        elapsed = time.monotonic() - t0
-                    except subprocess.TimeoutExpired:
-                        elapsed = float("inf")
-                    results.setdefault("loop, etcd frozen: ExecStop rm -> exit", []).append(elapsed)
-                finally:
-                    os.kill(etcd.process.pid, signal.SIGCONT)
-        finally:
-            service.kill()
-            etcd.stop()
+                    subprocess.run(loop_stop_command(etcd), env=loop_env(etcd, service.port), check=False,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)  # fmt: skip
+                    elapsed = time.monotonic() - t0
+                except subprocess.TimeoutExpired:
+                    elapsed = float("inf")
+                results.setdefault("loop, etcd frozen: ExecStop rm -> exit", []).append(elapsed)
+            finally:
+                os.kill(etcd.process.pid, signal.SIGCONT)
     return [{"measure": name, **_seconds(summary(values))} for name, values in results.items()]
 
 
@@ -220,34 +209,29 @@ def footprint(mode: Mode) -> Rows:
     """Memory and CPU of one agent against the loop, and what each probe costs."""
     window = 15.0 if mode.quick else 90.0
     rows: Rows = []
-    with workspace() as tmp:
-        etcd, service = Etcd(tmp).start(), HttpService(tmp).start()
-        try:
-            agents = {interval: start_announcer(etcd, service.port, "--interval", str(interval),
-                                                "--timeout", str(interval / 2), service=f"fp{interval:g}")
-                      for interval in (2.0, 1.0)}  # fmt: skip
-            for interval in agents:
-                wait_for(
-                    lambda i=interval: etcd.v3_exists(announcer_key(service.port, f"fp{i:g}")), 30, "announce"
-                )
-            before = {i: proc_stat(p.pid) for i, p in agents.items()}
-            time.sleep(window)
-            after = {i: proc_stat(p.pid) for i, p in agents.items()}
-            for interval, process in agents.items():
-                cpu = after[interval].cpu_s - before[interval].cpu_s
-                probes = window / interval
-                rows.append({
-                    "contender": f"announcer --interval {interval:g}",
-                    "peak RSS MB": after[interval].peak_rss_kb / 1024,
-                    "steady RSS MB": after[interval].rss_kb / 1024,
-                    "CPU s/hour": cpu * 3600 / window,
-                    "CPU ms/probe": 1000 * cpu / probes,
-                })  # fmt: skip
-                stop_process(process)
-            rows.append(_loop_footprint(etcd, service, mode))
-        finally:
-            service.kill()
-            etcd.stop()
+    with etcd_and_service() as (etcd, service):
+        agents = {interval: start_announcer(etcd, service.port, "--interval", str(interval),
+                                            "--timeout", str(interval / 2), service=f"fp{interval:g}")
+                  for interval in (2.0, 1.0)}  # fmt: skip
+        for interval in agents:
+            wait_for(
+                lambda i=interval: etcd.v3_exists(announcer_key(service.port, f"fp{i:g}")), 30, "announce"
+            )
+        before = {i: proc_stat(p.pid) for i, p in agents.items()}
+        time.sleep(window)
+        after = {i: proc_stat(p.pid) for i, p in agents.items()}
+        for interval, process in agents.items():
+            cpu = after[interval].cpu_s - before[interval].cpu_s
+            probes = window / interval
+            rows.append({
+                "contender": f"announcer --interval {interval:g}",
+                "peak RSS MB": after[interval].peak_rss_kb / 1024,
+                "steady RSS MB": after[interval].rss_kb / 1024,
+                "CPU s/hour": cpu * 3600 / window,
+                "CPU ms/probe": 1000 * cpu / probes,
+            })  # fmt: skip
+            stop_process(process)
+        rows.append(_loop_footprint(etcd, service, mode))
     loop_probe = rows[-1]["CPU ms/probe"]
     for row in rows[:-1]:
         # At the loop's CPU budget (one pass every 20 s), how often could announcer probe, and
@@ -298,31 +282,26 @@ def startup(mode: Mode) -> Rows:
     """Seconds from exec to the record present (interpreter and imports included)."""
     trials = 1 if mode.quick else 5
     results: dict[str, list[float]] = {}
-    with workspace() as tmp:
-        etcd, service = Etcd(tmp).start(), HttpService(tmp).start()
-        try:
-            for i in range(trials):
-                for label, args in (
-                    ("announcer (rise 2, interval 2)", ()),
-                    ("announcer --rise 1", ("--rise", "1")),
-                ):
-                    name = f"st{i}{len(args)}"
-                    t0 = time.monotonic()
-                    agent = start_announcer(etcd, service.port, *args, service=name)
-                    seen = wait_for(lambda n=name: etcd.v3_exists(announcer_key(service.port, n)), 30, "announce",
-                                    poll=0.005)  # fmt: skip
-                    results.setdefault(label, []).append(seen - t0)
-                    stop_process(agent)
-                subprocess.run(loop_stop_command(etcd), env=loop_env(etcd, service.port), check=False,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    with etcd_and_service() as (etcd, service):
+        for i in range(trials):
+            for label, args in (
+                ("announcer (rise 2, interval 2)", ()),
+                ("announcer --rise 1", ("--rise", "1")),
+            ):
+                name = f"st{i}{len(args)}"
                 t0 = time.monotonic()
-                loop = start_loop(etcd, service.port, sleep=mode.loop_sleep)
-                seen = wait_for(lambda: etcd.v2_exists(LOOP_KEY), 30, "loop registers", poll=0.005)
-                results.setdefault("loop (first pass)", []).append(seen - t0)
-                stop_process(loop)
-        finally:
-            service.kill()
-            etcd.stop()
+                agent = start_announcer(etcd, service.port, *args, service=name)
+                seen = wait_for(lambda n=name: etcd.v3_exists(announcer_key(service.port, n)), 30, "announce",
+                                poll=0.005)  # fmt: skip
+                results.setdefault(label, []).append(seen - t0)
+                stop_process(agent)
+            subprocess.run(loop_stop_command(etcd), env=loop_env(etcd, service.port), check=False,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+            t0 = time.monotonic()
+            loop = start_loop(etcd, service.port, sleep=mode.loop_sleep)
+            seen = wait_for(lambda: etcd.v2_exists(LOOP_KEY), 30, "loop registers", poll=0.005)
+            results.setdefault("loop (first pass)", []).append(seen - t0)
+            stop_process(loop)
     return [{"contender": name, **_seconds(summary(values))} for name, values in results.items()]
 
 
@@ -331,38 +310,33 @@ def scale(mode: Mode) -> Rows:
     window = 15.0 if mode.quick else 60.0
     sizes = (1, 10) if mode.quick else (1, 10, 100)
     rows: Rows = []
-    with workspace() as tmp:
-        etcd, service = Etcd(tmp).start(), HttpService(tmp).start()
-        try:
-            for n in sizes:
-                check = f"http://127.0.0.1:{service.port}/"
-                agents = [
-                    start_announcer(etcd, 20000 + i, "--check", check, service=f"scale{n}") for i in range(n)
-                ]
-                try:
-                    wait_for(lambda n=n: all(etcd.v3_exists(announcer_key(20000 + i, f"scale{n}")) for i in range(n)),
-                             120, f"{n} agents to register", poll=0.5)  # fmt: skip
-                    time.sleep(10)  # past the first keepalive of every agent
-                    before_requests, before = etcd.grpc_requests(), [proc_stat(a.pid) for a in agents]
-                    time.sleep(window)
-                    after_requests, after = etcd.grpc_requests(), [proc_stat(a.pid) for a in agents]
-                finally:
-                    for agent in agents:
-                        agent.send_signal(signal.SIGTERM)
-                    for agent in agents:
-                        stop_process(agent)
-                rate = (after_requests - before_requests) / window
-                cpu = sum(a.cpu_s - b.cpu_s for a, b in zip(after, before, strict=True))
-                rows.append({
-                    "agents": n,
-                    "etcd requests/s": rate,
-                    "etcd requests/s per agent": rate / n,
-                    "agents' CPU % of one core": 100 * cpu / window,
-                    "agents' RSS MB": sum(a.rss_kb for a in after) / 1024,
-                })  # fmt: skip
-        finally:
-            service.kill()
-            etcd.stop()
+    with etcd_and_service() as (etcd, service):
+        for n in sizes:
+            check = f"http://127.0.0.1:{service.port}/"
+            agents = [
+                start_announcer(etcd, 20000 + i, "--check", check, service=f"scale{n}") for i in range(n)
+            ]
+            try:
+                wait_for(lambda n=n: all(etcd.v3_exists(announcer_key(20000 + i, f"scale{n}")) for i in range(n)),
+                         120, f"{n} agents to register", poll=0.5)  # fmt: skip
+                time.sleep(10)  # past the first keepalive of every agent
+                before_requests, before = etcd.grpc_requests(), [proc_stat(a.pid) for a in agents]
+                time.sleep(window)
+                after_requests, after = etcd.grpc_requests(), [proc_stat(a.pid) for a in agents]
+            finally:
+                for agent in agents:
+                    agent.send_signal(signal.SIGTERM)
+                for agent in agents:
+                    stop_process(agent)
+            rate = (after_requests - before_requests) / window
+            cpu = sum(a.cpu_s - b.cpu_s for a, b in zip(after, before, strict=True))
+            rows.append({
+                "agents": n,
+                "etcd requests/s": rate,
+                "etcd requests/s per agent": rate / n,
+                "agents' CPU % of one core": 100 * cpu / window,
+                "agents' RSS MB": sum(a.rss_kb for a in after) / 1024,
+            })  # fmt: skip
     return rows
 
 

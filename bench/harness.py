@@ -234,3 +234,15 @@ def summary(values: list[float]) -> dict[str, float]:
 def workspace() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="announcer-bench-") as tmp:
         yield Path(tmp)
+
+
+@contextlib.contextmanager
+def etcd_and_service() -> Iterator[tuple[Etcd, HttpService]]:
+    """A fresh etcd and HTTP service in a scratch directory, both stopped on the way out."""
+    with workspace() as tmp:
+        etcd, service = Etcd(tmp).start(), HttpService(tmp).start()
+        try:
+            yield etcd, service
+        finally:
+            service.kill()
+            etcd.stop()
