@@ -12,8 +12,9 @@ from structlog.testing import capture_logs
 
 from announcer.config import load_config
 from announcer.errors import ConfigError
+from announcer.health import Health
 from tests.agent_helpers import AMBIENT, agent_config, eventually, running, sample
-from tests.servers import EtcdCluster, EtcdServer, HttpService, Watcher, etcdctl
+from tests.servers import EtcdCluster, EtcdServer, HttpService, PartitionProxy, Watcher, etcdctl
 
 KEY = "/services/web/127.0.0.1:{port}"
 
@@ -223,3 +224,35 @@ async def test_wrong_etcd_password_is_a_clear_error(auth_etcd: EtcdServer, http_
     assert len(refusals) == 1  # logged once, not once per retry
     assert "etcd login as 'announcer' failed" in refusals[0]["error"]
     assert "wrong-pw" not in str(logs)
+
+
+async def test_partitioned_etcd_blocks_nothing(etcd: EtcdServer, http_service: HttpService) -> None:
+    proxy = PartitionProxy(etcd.client_port)
+    key = KEY.format(port=http_service.port)
+    config = agent_config(proxy.url, http_service.port, ttl="3", shutdown_timeout="1")
+    try:
+        with capture_logs() as logs:
+            async with running(config) as agent:
+                await eventually(lambda: etcd.get(key) is not None, what="announce through the proxy")
+                proxy.partitioned.set()
+                await eventually(
+                    lambda: agent.status.etcd_reachable is False, timeout=15, what="partition seen"
+                )
+                # the check loop goes on: it still sees the service go down and come back
+                http_service.status = 503
+                await eventually(lambda: agent.status.health is Health.FAILING, what="failing verdict")
+                http_service.status = 200
+                await eventually(lambda: agent.status.health is Health.PASSING, what="passing verdict")
+                assert agent.health_report()[0] == 200
+                # longer than the TTL: the lease runs out on the far side of the partition
+                await eventually(lambda: etcd.get(key) is None, timeout=15, what="the lease to expire")
+                proxy.partitioned.clear()
+                await eventually(
+                    lambda: etcd.get(key) is not None, timeout=15, what="record back after healing"
+                )
+                # and shutdown is bounded even when etcd goes silent again
+                proxy.partitioned.set()
+        assert any(e["event"] == "etcd did not answer in time; the record goes when the lease expires"
+                   or e["event"] == "could not withdraw at shutdown; the lease TTL will" for e in logs)  # fmt: skip
+    finally:
+        proxy.close()

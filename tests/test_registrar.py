@@ -149,3 +149,19 @@ async def test_withdrawn_registrar_keeps_its_lease_alive(etcd_any: EtcdServer, c
     await registrar.announce(RECORD)
     assert etcd_any.get(KEY)["lease"] == lease  # type: ignore[index]
     assert registrar.lease_grants == 1  # one lease for the life of the agent
+
+
+async def test_a_failed_withdraw_leaves_the_record_wanted(etcd_any: EtcdServer, client: EtcdClient) -> None:
+    # The agent retries a failed withdraw; until one succeeds, or the service recovers and
+    # wants the record after all, the registrar must keep treating the record as its own.
+    registrar = EtcdRegistrar(client, KEY, ttl=10)
+    await registrar.announce(RECORD)
+    etcd_any.stop()
+    with pytest.raises(EtcdUnavailable):
+        await registrar.withdraw()
+    etcd_any.start()
+    etcd_any.call("/v3/kv/deleterange", {"key": __import__("base64").b64encode(KEY.encode()).decode()})
+    await registrar.refresh()
+    assert etcd_any.get(KEY) is not None  # put back: still wanted
+    await registrar.withdraw()
+    assert etcd_any.get(KEY) is None

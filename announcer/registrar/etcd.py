@@ -55,9 +55,11 @@ class EtcdRegistrar:
             await self._repair(self._record, self.lease)
 
     async def withdraw(self) -> None:
-        self._record = None
         if self.lease is not None:
             await self.client.delete_if_lease(self.key, self.lease)
+        # Only now: if the delete failed, the record is still ours to keep alive or put back
+        # (the agent retries the withdraw, or the service recovered and wants it after all).
+        self._record = None
 
     async def close(self) -> None:
         """Withdraw and give the lease back; the caller bounds the time."""
