@@ -168,6 +168,10 @@ class EtcdServer:
     def put(self, key: str, value: str, lease: int = 0) -> None:
         self.call("/v3/kv/put", {"key": b64(key), "value": b64(value), "lease": str(lease)})
 
+    def delete(self, key: str) -> None:
+        """Delete a key behind the agent's back, as an operator or a restored snapshot would."""
+        self.call("/v3/kv/deleterange", {"key": b64(key)})
+
     def revision(self) -> int:
         return int(self.call("/v3/kv/range", {"key": b64("/")})["header"]["revision"])
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 
 from structlog.testing import capture_logs
@@ -113,7 +112,7 @@ async def test_record_deleted_by_hand_is_put_back(etcd: EtcdServer, http_service
     key = KEY_OF.format(port=http_service.port)
     async with running(agent_config(etcd.url, http_service.port)):
         await eventually(lambda: etcd.get(key) is not None, what="announce")
-        etcd.call("/v3/kv/deleterange", {"key": base64.b64encode(key.encode()).decode()})
+        etcd.delete(key)
         await eventually(lambda: etcd.get(key) is not None, timeout=5, what="put back at the next keepalive")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import signal
 import socket
@@ -14,6 +15,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import announcer
 from announcer.http import bind, health_report
 from announcer.metrics import Metrics
 from tests.agent_helpers import agent_config, eventually, running
@@ -56,8 +58,8 @@ async def test_metrics_follow_service_and_etcd(etcd: EtcdServer, http_service: H
         assert value(m, "announcer_check_runs_total", check=check, result="pass") >= 2  # type: ignore[operator]
         assert value(m, "announcer_check_duration_seconds_count", check=check) >= 2  # type: ignore[operator]
         assert value(m, "announcer_etcd_requests_total", operation="put", outcome="ok") == 1
-        assert value(m, "announcer_build_info", version=__import__("announcer").__version__,
-                     python_version=__import__("platform").python_version()) == 1  # fmt: skip
+        assert value(m, "announcer_build_info", version=announcer.__version__,
+                     python_version=platform.python_version()) == 1  # fmt: skip
         assert value(m, "process_resident_memory_bytes") > 0  # type: ignore[operator]
 
         http_service.status = 500

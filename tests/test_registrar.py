@@ -87,7 +87,7 @@ async def test_refresh_puts_back_a_deleted_record_but_leaves_a_successor(
 ) -> None:
     registrar = EtcdRegistrar(client, KEY, ttl=10)
     await registrar.announce(RECORD)
-    etcd_any.call("/v3/kv/deleterange", {"key": __import__("base64").b64encode(KEY.encode()).decode()})
+    etcd_any.delete(KEY)
     await registrar.refresh()
     kv = etcd_any.get(KEY)
     assert kv is not None
@@ -160,7 +160,7 @@ async def test_a_failed_withdraw_leaves_the_record_wanted(etcd_any: EtcdServer, 
     with pytest.raises(EtcdUnavailable):
         await registrar.withdraw()
     etcd_any.start()
-    etcd_any.call("/v3/kv/deleterange", {"key": __import__("base64").b64encode(KEY.encode()).decode()})
+    etcd_any.delete(KEY)
     await registrar.refresh()
     assert etcd_any.get(KEY) is not None  # put back: still wanted
     await registrar.withdraw()
