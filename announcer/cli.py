@@ -117,11 +117,12 @@ def main_command(
     from announcer.log import configure_logging
     from announcer.runner import run_agent, run_check_once
 
-    cfg = load_config(flags, os.environ)
+    env = dict(os.environ)
+    cfg = load_config(flags, env)
     configure_logging(cfg.log_format, cfg.log_level)
     if mode is Mode.CHECK:
         return run_check_once(cfg, as_json=json_output)
-    return run_agent(cfg)
+    return run_agent(cfg, reload=lambda: load_config(flags, env))
 
 
 def main() -> None:
@@ -132,7 +133,7 @@ def main() -> None:
         sys.stderr.write(f"error: {exc.format_message()}\n")
         sys.exit(max(exc.exit_code, 2))
     except ConfigError as exc:
-        sys.stderr.write(f"error: {exc}\n")
+        sys.stderr.write(f"error: {' '.join(str(exc).split())}\n")  # one line, whatever it quotes
         sys.exit(2)
     except typer.Abort:
         sys.exit(130)

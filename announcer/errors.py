@@ -15,3 +15,17 @@ def describe(exc: BaseException) -> str:
             return "timed out"
         seen = seen.__cause__ or seen.__context__
     return str(exc) or type(exc).__name__
+
+
+def safe_text(text: str, limit: int) -> str | None:
+    """What is wrong with ``text`` as a setting (too long, control characters, not UTF-8), or None."""
+    if len(text) > limit:
+        return f"is longer than {limit} characters"
+    if not text.isprintable():
+        bad = next(c for c in text if not c.isprintable())
+        return f"holds a control or unprintable character ({bad!r})"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "holds bytes that are not UTF-8"
+    return None

@@ -4,6 +4,13 @@ A deliberately tiny asyncio HTTP/1.1 responder (one request per connection)
 running in the agent's TaskGroup, so it needs no thread and no web framework.
 The socket is bound before the agent starts, so a port in use is a start-up
 error, not a traceback.
+
+A scraper is a peer like any other: at most MAX_CONNECTIONS are served at once
+(more are closed on accept, so idle connections cannot eat the descriptors the
+checks need), a request head must arrive whole within REQUEST_TIMEOUT and fit in
+REQUEST_LIMIT bytes, an answer must be taken within REQUEST_TIMEOUT, and under a
+flood /metrics is rendered at most RENDER_RATE times a second (the rest get the
+last rendering), so the checks and the lease keep their share of the CPU.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +28,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from announcer.errors import ConfigError
 
 REQUEST_LIMIT = 8192  # bytes of request head we read at most
-READ_TIMEOUT = 5.0
+REQUEST_TIMEOUT = 2.0  # for the whole head to arrive, and again for the answer to be taken
+MAX_CONNECTIONS = 32
+RENDER_RATE = 20.0  # /metrics renderings a second at most, in bursts of as many
 
 
 def bind(address: tuple[str, int]) -> socket.socket:
@@ -59,13 +69,18 @@ class EndpointServer:
         self._sock = sock
         self._registry = registry
         self._health = health
+        self._open = 0
+        self.refused = 0  # connections closed at once because MAX_CONNECTIONS were open
+        self._tokens = RENDER_RATE
+        self._filled_at = time.monotonic()
+        self._last_render: bytes | None = None
 
     @property
     def port(self) -> int:
         return int(self._sock.getsockname()[1])
 
     async def serve(self) -> None:
-        server = await asyncio.start_server(self._handle, sock=self._sock)
+        server = await asyncio.start_server(self._handle, sock=self._sock, limit=REQUEST_LIMIT)
         try:
             await asyncio.Future()  # until cancelled
         finally:
@@ -74,11 +89,24 @@ class EndpointServer:
                 await server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._open >= MAX_CONNECTIONS:
+            self.refused += 1
+            _abort(writer)
+            return
+        self._open += 1
         try:
-            async with asyncio.timeout(READ_TIMEOUT):
+            await self._answer(reader, writer)
+        except Exception:  # noqa: BLE001, S110 - whatever a client does, it ends its own connection only
+            pass
+        finally:
+            self._open -= 1
+            _abort(writer)
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT):
                 head = await reader.readuntil(b"\r\n\r\n")
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-            writer.close()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, OSError):
             return
         method, path = _request_line(head[:REQUEST_LIMIT])
         status, content_type, body = self._route(method, path)
@@ -89,16 +117,26 @@ class EndpointServer:
             "Connection: close\r\n\r\n".encode()
             + body_out
         )
-        with contextlib.suppress(ConnectionError):
-            await writer.drain()
-        writer.close()
+        with contextlib.suppress(OSError, TimeoutError):
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                await writer.drain()
+
+    def _metrics(self) -> bytes:
+        now = time.monotonic()
+        self._tokens = min(RENDER_RATE, self._tokens + (now - self._filled_at) * RENDER_RATE)
+        self._filled_at = now
+        if self._tokens < 1 and self._last_render is not None:
+            return self._last_render
+        self._tokens -= 1
+        self._last_render = generate_latest(self._registry)
+        return self._last_render
 
     def _route(self, method: str, path: str) -> tuple[int, str, bytes]:
         if method not in ("GET", "HEAD"):
             return 405, "text/plain", b"method not allowed\n"
         route = path.split("?", 1)[0]
         if route == "/metrics":
-            return 200, CONTENT_TYPE_LATEST, generate_latest(self._registry)
+            return 200, CONTENT_TYPE_LATEST, self._metrics()
         if route == "/healthz":
             status, body = self._health()
             return status, "application/json", json.dumps(body).encode() + b"\n"
@@ -106,6 +144,11 @@ class EndpointServer:
 
 
 _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+
+
+def _abort(writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(Exception):
+        writer.close()
 
 
 def _request_line(head: bytes) -> tuple[str, str]:

@@ -23,7 +23,7 @@ from prometheus_client.gc_collector import GCCollector
 from announcer import __version__
 
 CHECK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-WITHDRAW_REASONS = ("check_failure", "shutdown", "lease_lost")
+WITHDRAW_REASONS = ("check_failure", "maintenance", "shutdown", "lease_lost")
 
 
 class Metrics:
@@ -48,7 +48,11 @@ class Metrics:
             "announcer_check_round_overruns", "Check rounds that started late", registry=r
         )
         self.healthy = Gauge("announcer_service_healthy", "1 while the service passes its checks", registry=r)
-        self.registered = Gauge("announcer_registered", "1 while the record is in etcd", registry=r)
+        self.registered = Gauge(
+            "announcer_registered",
+            "1 while etcd holds the record on a live lease, as far as the agent can know",
+            registry=r,
+        )
         self.announcements = Counter(
             "announcer_announcements", "Times the record was put into etcd", registry=r
         )
@@ -70,6 +74,24 @@ class Metrics:
         self.lease_ttl = Gauge(
             "announcer_lease_ttl_seconds", "TTL etcd reported at the last keepalive", registry=r
         )
+        self.maintenance = Gauge(
+            "announcer_maintenance", "1 while the maintenance file exists (record withdrawn)", registry=r
+        )
+        self.flap_damped = Gauge(
+            "announcer_flap_damped", "1 while flap damping holds the record back", registry=r
+        )
+        self.flap_suppressed = Counter(
+            "announcer_flap_suppressed", "Times flap damping held an announcement back", registry=r
+        )
+        self.stale_removed = Counter(
+            "announcer_stale_records_removed", "Records left on another lease removed on a failing verdict",
+            registry=r,
+        )  # fmt: skip
+        self.reloads = Counter(
+            "announcer_reloads", "Configuration reloads (SIGHUP) by result", ["result"], registry=r
+        )
+        for result in ("applied", "rejected"):
+            self.reloads.labels(result)
         self._last_keepalive: float | None = None
         Gauge(
             "announcer_lease_keepalive_age_seconds",

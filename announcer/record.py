@@ -11,6 +11,10 @@ from announcer.errors import ConfigError
 
 RESERVED_FIELDS = frozenset({"host", "ipv4_addr", "port"})
 KEY_PLACEHOLDERS = frozenset({"service", "ip", "port", "hostname"})
+KEY_LIMIT = 1024  # bytes of a rendered key
+RECORD_LIMIT = 8192  # bytes of a record's JSON: consumers template it, keep it small
+META_NAME_LIMIT = 128
+META_VALUE_LIMIT = 1024
 
 
 @dataclass(frozen=True)
@@ -32,22 +36,60 @@ class Record:
         body.update(self.meta)
         return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
 
+    def check_size(self) -> None:
+        size = len(self.to_json().encode())
+        if size > RECORD_LIMIT:
+            raise ConfigError(
+                f"the record would be {size} bytes of JSON; keep --meta under {RECORD_LIMIT} in all"
+            )
+
 
 def render_key(template: str, *, service: str, ip: str, port: int, hostname: str) -> str:
-    """Fill ``{service} {ip} {port} {hostname}``; unknown placeholders are errors."""
-    check_template(template, KEY_PLACEHOLDERS, "--key")
-    key = template.format(service=service, ip=ip, port=port, hostname=hostname)
-    if not key:
-        raise ConfigError("--key renders to an empty key")
+    """Fill ``{service} {ip} {port} {hostname}``; the result must be a usable etcd key.
+
+    A key starts with '/', names something below it, holds printable text only and
+    fits in KEY_LIMIT bytes: consumers list keys under a prefix and split them on '/'.
+    """
+    key = render(template, "--key", service=service, ip=ip, port=port, hostname=hostname)
+    if not key.startswith("/") or not key.strip("/"):
+        raise ConfigError(f"--key {_short(key)} must start with '/' and name something below it")
+    if not key.isprintable() or any(c.isspace() for c in key):
+        raise ConfigError(f"--key {_short(key)} may hold no spaces or control characters")
+    if len(key.encode()) > KEY_LIMIT:
+        raise ConfigError(f"--key renders to {len(key.encode())} bytes; at most {KEY_LIMIT}")
     return key
 
 
-def check_template(template: str, allowed: frozenset[str], what: str) -> None:
+def render_path(template: str, what: str, **values: str | int) -> str:
+    """A file path template with the same placeholders as the key."""
+    path = render(template, what, **values)
+    if "\0" in path:
+        raise ConfigError(f"{what} {_short(path)} is not a usable path")
+    return path
+
+
+def render(template: str, what: str, **values: str | int) -> str:
+    """Fill plain ``{name}`` placeholders; format specs, conversions and others are errors."""
     try:
-        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+        parts = list(string.Formatter().parse(template))
     except ValueError as exc:
-        raise ConfigError(f"{what} {template!r} is not a valid template: {exc}") from None
-    unknown = sorted(set(fields) - allowed)
-    if unknown:
-        names = " ".join("{" + n + "}" for n in sorted(allowed))
-        raise ConfigError(f"{what} {template!r} uses unknown placeholder(s) {unknown}; known: {names}")
+        raise ConfigError(f"{what} {_short(template)} is not a valid template: {exc}") from None
+    out: list[str] = []
+    for literal, name, spec, conversion in parts:
+        out.append(literal)
+        if name is None:
+            continue
+        names = " ".join("{" + n + "}" for n in sorted(values))
+        if name not in values:
+            raise ConfigError(
+                f"{what} {_short(template)} uses unknown placeholder {_short(name)}; known: {names}"
+            )
+        if spec or conversion:
+            raise ConfigError(f"{what} {_short(template)}: placeholders are plain {names}, without ! or :")
+        out.append(str(values[name]))
+    return "".join(out)
+
+
+def _short(text: str) -> str:
+    shown = repr(text)
+    return shown if len(shown) <= 80 else shown[:77] + "..."

@@ -78,6 +78,10 @@ async def test_withdraws_on_failure_and_announces_again(
             await eventually(lambda: agent.status.rounds >= rounds + 3, what="checks go on")
             http_service.status = 200
             await eventually(lambda: etcd.get(key) is not None, what="announce again")
+            # the put lands in etcd before the agent logs it: wait for the line asserted below
+            await eventually(
+                lambda: [e["event"] for e in logs].count("announced") >= 1, what="announced logged"
+            )
         assert etcd.get(key)["lease"] == lease  # type: ignore[index]  # one lease for the agent's life
         events = [entry["event"] for entry in logs if entry["log_level"] != "debug"]
         # (the first announce's own log line may land just inside the capture)
@@ -101,8 +105,12 @@ async def test_never_deletes_a_successors_record(etcd: EtcdServer, http_service:
                 lambda: any(e["event"] == "key held by another lease, leaving it alone" for e in logs),
                 what="the takeover noticed",
             )
+            # displaced: the agent no longer claims to be registered, though its checks pass
+            assert agent.status.health is Health.PASSING
+            assert not agent.registered
+            assert sample(agent, "announcer_registered") == 0
             http_service.status = 500
-            await eventually(lambda: agent.status.health is Health.FAILING and not agent.status.registered)
+            await eventually(lambda: agent.status.health is Health.FAILING and not agent.registered)
         assert etcd.value(key) == {"host": "successor"}
     assert etcd.value(key) == {"host": "successor"}  # not even the shutdown removed it
     assert etcd.get(key)["lease"] == successor  # type: ignore[index]

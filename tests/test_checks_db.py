@@ -211,7 +211,7 @@ def test_missing_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None
         monkeypatch.delitem(sys.modules, f"announcer.checks.{kind_module}", raising=False)
         with pytest.raises(ConfigError) as info:
             build_check(spec)
-        assert f"pip install 'announcer[{extra}]'" in str(info.value)
+        assert f"pip install 'etcd-announcer[{extra}]'" in str(info.value)
 
 
 def test_password_never_in_check_output(postgres_checks_passwords: None) -> None:
@@ -275,7 +275,8 @@ def test_exec_bad_specs() -> None:
     for spec, message in [
         ("exec:", "needs a program"),
         ("exec:bin/true", "must be an absolute path"),
-        ("exec:/nonexistent/prog", "is not an executable file"),
+        ("exec:/nonexistent/prog", "No such file or directory"),
+        ("exec:/tmp", "is not an executable file"),
         ("exec:/bin/sh -c 'unterminated", "No closing quotation"),
     ]:
         with pytest.raises(ConfigError) as info:

@@ -93,7 +93,7 @@ async def test_healthz_and_routes(etcd: EtcdServer, http_service: HttpService) -
     listen = bind(("127.0.0.1", 0))
     base = f"http://127.0.0.1:{listen.getsockname()[1]}"
     async with running(agent_config(etcd.url, http_service.port), listen=listen) as agent:
-        await eventually(lambda: agent.status.registered, what="announce")
+        await eventually(lambda: agent.registered, what="announce")
         async with httpx.AsyncClient() as client:
             health = await client.get(base + "/healthz")
             assert health.status_code == 200

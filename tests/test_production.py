@@ -30,7 +30,7 @@ async def test_failover_keeps_the_lease_and_the_record(
     key = KEY.format(port=http_service.port)
     config = agent_config(etcd_cluster.endpoints, http_service.port, ttl="3")
     async with running(config) as agent:
-        await eventually(lambda: agent.status.registered, what="announce")
+        await eventually(lambda: agent.registered, what="announce")
         assert agent._client is not None
         talking_to = etcd_cluster.member_at(agent._client.endpoint)
         observer = etcd_cluster.any_up(but=talking_to)
@@ -219,7 +219,7 @@ async def test_wrong_etcd_password_is_a_clear_error(auth_etcd: EtcdServer, http_
             await eventually(
                 lambda: any(e["event"] == "etcd refused the request" for e in logs), what="refusal"
             )
-            assert not agent.status.registered
+            assert not agent.registered
     refusals = [e for e in logs if e["event"] == "etcd refused the request"]
     assert len(refusals) == 1  # logged once, not once per retry
     assert "etcd login as 'announcer' failed" in refusals[0]["error"]
@@ -252,7 +252,6 @@ async def test_partitioned_etcd_blocks_nothing(etcd: EtcdServer, http_service: H
                 )
                 # and shutdown is bounded even when etcd goes silent again
                 proxy.partitioned.set()
-        assert any(e["event"] == "etcd did not answer in time; the record goes when the lease expires"
-                   or e["event"] == "could not withdraw at shutdown; the lease TTL will" for e in logs)  # fmt: skip
+        assert any("the record goes when the lease expires, within" in e["event"] for e in logs)
     finally:
         proxy.close()

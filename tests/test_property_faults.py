@@ -44,8 +44,9 @@ class Run:
         self.agent = Agent(self.config, metrics=Metrics(process=False))
         self.stop = asyncio.Event()
         self.task = asyncio.create_task(self.agent.serve(self.stop.wait()))
-        if self.service_up:
-            self.foreign = None  # a fresh healthy agent announces: it takes the key over
+        # A fresh agent's first verdict settles the key: healthy, it announces and takes the
+        # key over; failing, it removes a record left on another lease (a crashed agent's).
+        self.foreign = None
 
     async def stop_agent(self) -> None:
         assert self.stop is not None
@@ -87,8 +88,9 @@ class Run:
             # the agent acts on its verdict (after rise/fall rounds), not on the service itself
             agent, verdict = self.agent, Health.PASSING if self.service_up else Health.FAILING
             await eventually(lambda: agent.status.health is verdict, timeout=20, what=f"verdict {verdict}")
-            if self.service_up:
-                self.foreign = None  # the rise to healthy announces anew
+            # Either verdict settles the key: the rise announces anew (taking it over), the fall
+            # removes a record on another lease too (it names this instance, which is down).
+            self.foreign = None
 
     async def member_fault(self, rng: random.Random) -> None:
         if self.impaired is not None:

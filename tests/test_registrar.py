@@ -24,22 +24,26 @@ async def client(etcd_any: EtcdServer) -> AsyncIterator[EtcdClient]:
 
 
 async def test_client_speaks_the_gateway(etcd_any: EtcdServer, client: EtcdClient) -> None:
-    lease = await client.grant(10)
+    lease, granted = await client.grant(10)
+    assert granted == 10
     assert await client.keepalive(lease) == 10
-    await client.put("/k", "v", lease)
+    await client.put("/k", b"v", lease)
     kv = await client.get("/k")
     assert kv is not None
-    assert (kv.value, kv.lease) == ("v", lease)
+    assert (kv.value, kv.lease) == (b"v", lease)
+    only_key = await client.get("/k", keys_only=True)
+    assert only_key is not None
+    assert (only_key.key, only_key.value, only_key.lease) == (b"/k", None, lease)
     assert await client.get("/missing") is None
     assert not await client.delete_if_lease("/k", lease + 1)  # guarded: not ours
     assert etcd_any.get("/k") is not None
     assert await client.delete_if_lease("/k", lease)
     assert etcd_any.get("/k") is None
-    await client.revoke(lease)
+    assert await client.revoke(lease)
     assert await client.keepalive(lease) <= 0  # a lost lease is a 200 without TTL
     with pytest.raises(LeaseNotFound):
-        await client.put("/k", "v", lease)  # 404 with gRPC code 5
-    await client.revoke(lease)  # revoking twice is fine
+        await client.put("/k", b"v", lease)  # 404 with gRPC code 5
+    assert not await client.revoke(lease)  # revoking twice is fine, and says so
 
 
 async def test_no_endpoint_answers_is_unavailable() -> None:
@@ -52,27 +56,27 @@ async def test_no_endpoint_answers_is_unavailable() -> None:
 async def test_fails_over_to_the_next_endpoint(etcd_any: EtcdServer) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     client = EtcdClient(EtcdSettings(endpoints=(dead, etcd_any.url), timeout=1))
-    assert await client.grant(5) > 0
+    assert (await client.grant(5))[0] > 0
     assert client.endpoint == etcd_any.url
     await client.aclose()
 
 
 async def test_announce_writes_valid_json_on_own_lease(etcd_any: EtcdServer, client: EtcdClient) -> None:
-    registrar = EtcdRegistrar(client, KEY, ttl=10)
-    await registrar.announce(RECORD)
+    registrar = EtcdRegistrar(client, ttl=10)
+    assert await registrar.announce(KEY, RECORD)
     kv = etcd_any.get(KEY)
     assert kv is not None
     assert kv["lease"] == registrar.lease
     assert json.loads(kv["value"]) == {"host": "node-1", "ipv4_addr": "127.0.0.1", "port": 5555, "zone": "a"}
-    # announcing the same record again writes nothing
+    # announcing the same record again writes nothing, and says so
     revision = etcd_any.revision()
-    await registrar.announce(RECORD)
+    assert not await registrar.announce(KEY, RECORD)
     assert etcd_any.revision() == revision
 
 
 async def test_refresh_costs_no_revision(etcd_any: EtcdServer, client: EtcdClient) -> None:
-    registrar = EtcdRegistrar(client, KEY, ttl=10)
-    await registrar.announce(RECORD)
+    registrar = EtcdRegistrar(client, ttl=10)
+    await registrar.announce(KEY, RECORD)
     watcher = Watcher(etcd_any, "/services/")
     revision = etcd_any.revision()
     for _ in range(5):
@@ -85,8 +89,8 @@ async def test_refresh_costs_no_revision(etcd_any: EtcdServer, client: EtcdClien
 async def test_refresh_puts_back_a_deleted_record_but_leaves_a_successor(
     etcd_any: EtcdServer, client: EtcdClient
 ) -> None:
-    registrar = EtcdRegistrar(client, KEY, ttl=10)
-    await registrar.announce(RECORD)
+    registrar = EtcdRegistrar(client, ttl=10)
+    await registrar.announce(KEY, RECORD)
     etcd_any.delete(KEY)
     await registrar.refresh()
     kv = etcd_any.get(KEY)
@@ -101,15 +105,15 @@ async def test_refresh_puts_back_a_deleted_record_but_leaves_a_successor(
 
 
 async def test_withdraw_and_close_never_delete_a_successor(etcd_any: EtcdServer, client: EtcdClient) -> None:
-    old = EtcdRegistrar(client, KEY, ttl=10)
-    await old.announce(RECORD)
+    old = EtcdRegistrar(client, ttl=10)
+    await old.announce(KEY, RECORD)
     new_client = EtcdClient(EtcdSettings(endpoints=(etcd_any.url,)))
-    new = EtcdRegistrar(new_client, KEY, ttl=10)
-    await new.announce(Record("node-2", "127.0.0.1", 5555))  # the newest healthy instance wins
+    new = EtcdRegistrar(new_client, ttl=10)
+    await new.announce(KEY, Record("node-2", "127.0.0.1", 5555))  # the newest healthy instance wins
     assert etcd_any.value(KEY)["host"] == "node-2"
     old_lease = old.lease
     assert old_lease is not None
-    await old.withdraw()
+    await old.withdraw(KEY)
     await old.close()  # a late stop of the old instance
     kv = etcd_any.get(KEY)
     assert kv is not None
@@ -122,46 +126,47 @@ async def test_withdraw_and_close_never_delete_a_successor(etcd_any: EtcdServer,
 
 
 async def test_lease_lost_is_regranted_and_record_put_again(etcd_any: EtcdServer, client: EtcdClient) -> None:
-    registrar = EtcdRegistrar(client, KEY, ttl=10)
-    await registrar.announce(RECORD)
+    registrar = EtcdRegistrar(client, ttl=10)
+    await registrar.announce(KEY, RECORD)
     first = registrar.lease
     assert first is not None
     etcd_any.call("/v3/lease/revoke", {"ID": str(first)})  # as if it had expired
     assert etcd_any.get(KEY) is None
-    await registrar.refresh()
+    refreshed = await registrar.refresh()
+    assert refreshed.lease_lost
+    assert refreshed.restored == (KEY,)
     assert registrar.lease not in (None, first)
-    assert registrar.lease_grants == 2
     kv = etcd_any.get(KEY)
     assert kv is not None
     assert kv["lease"] == registrar.lease
 
 
 async def test_withdrawn_registrar_keeps_its_lease_alive(etcd_any: EtcdServer, client: EtcdClient) -> None:
-    registrar = EtcdRegistrar(client, KEY, ttl=10)
-    await registrar.announce(RECORD)
-    await registrar.withdraw()
+    registrar = EtcdRegistrar(client, ttl=10)
+    await registrar.announce(KEY, RECORD)
+    await registrar.withdraw(KEY)
     assert etcd_any.get(KEY) is None
     lease = registrar.lease
     assert lease is not None
-    await registrar.refresh()
+    refreshed = await registrar.refresh()
     assert registrar.lease == lease
-    assert registrar.last_ttl == 10
-    await registrar.announce(RECORD)
-    assert etcd_any.get(KEY)["lease"] == lease  # type: ignore[index]
-    assert registrar.lease_grants == 1  # one lease for the life of the agent
+    assert refreshed.ttl == 10
+    assert not refreshed.lease_lost
+    await registrar.announce(KEY, RECORD)
+    assert etcd_any.get(KEY)["lease"] == lease  # type: ignore[index]  # one lease for the agent's life
 
 
 async def test_a_failed_withdraw_leaves_the_record_wanted(etcd_any: EtcdServer, client: EtcdClient) -> None:
     # The agent retries a failed withdraw; until one succeeds, or the service recovers and
     # wants the record after all, the registrar must keep treating the record as its own.
-    registrar = EtcdRegistrar(client, KEY, ttl=10)
-    await registrar.announce(RECORD)
+    registrar = EtcdRegistrar(client, ttl=10)
+    await registrar.announce(KEY, RECORD)
     etcd_any.stop()
     with pytest.raises(EtcdUnavailable):
-        await registrar.withdraw()
+        await registrar.withdraw(KEY)
     etcd_any.start()
     etcd_any.delete(KEY)
     await registrar.refresh()
     assert etcd_any.get(KEY) is not None  # put back: still wanted
-    await registrar.withdraw()
+    await registrar.withdraw(KEY)
     assert etcd_any.get(KEY) is None

@@ -9,6 +9,7 @@ never crash or stall the agent.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import importlib
 import time
 from collections.abc import Mapping
@@ -80,7 +81,7 @@ def load_factory(scheme: str) -> CheckFactory:
             raise
         raise ConfigError(
             f"check kind {scheme!r} needs the driver {exc.name!r}: "
-            f"install it with: pip install 'announcer[{kind.extra}]'"
+            f"install it with: pip install 'etcd-announcer[{kind.extra}]'"
         ) from None
     factory: CheckFactory = getattr(module, class_name)
     return factory
@@ -91,9 +92,18 @@ def build_check(spec: str, options: Mapping[str, Any] | None = None) -> Check:
     return load_factory(scheme_of(spec)).from_spec(spec, options or {})
 
 
+_deadline: contextvars.ContextVar[float] = contextvars.ContextVar("check_deadline")
+
+
+def time_left() -> float:
+    """Seconds left of the running check's time limit: for work a check hands to a thread."""
+    return max(0.001, _deadline.get(time.monotonic() + 1.0) - time.monotonic())
+
+
 async def run_check(check: Check, timeout: float) -> CheckResult:
     """Run one check within ``timeout``; never raises (but for cancellation)."""
     started = time.perf_counter()
+    _deadline.set(time.monotonic() + timeout)  # each check runs in a task of its own (gather)
     try:
         async with asyncio.timeout(timeout):
             result = await check()

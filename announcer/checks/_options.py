@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from announcer.errors import ConfigError
+from announcer.files import read_secret_file, read_small_file
 
 
 def tls_context(ca_file: Path | None, *, verify: bool = True, check_hostname: bool = True) -> ssl.SSLContext:
@@ -64,18 +65,13 @@ class Options:
         if value is None:
             return None
         path = Path(value)
-        try:
-            path.read_bytes()
-        except OSError as exc:
-            raise ConfigError(
-                f"{self._kind} check option {name!r}: cannot read {value}: {exc.strerror}"
-            ) from None
+        read_small_file(path, f"{self._kind} check option {name!r}")
         return path
 
     def secret_file(self, name: str) -> str | None:
         """A password kept in a file, so unit files and `ps` need not show it."""
         path = self.readable_file(name)
-        return None if path is None else path.read_text().rstrip("\r\n")
+        return None if path is None else read_secret_file(path, f"{self._kind} check option {name!r}")
 
     def raw(self, name: str) -> Any:
         return self._take(name)

@@ -9,7 +9,7 @@ from urllib.parse import SplitResult, unquote, urlsplit
 
 from announcer.checks._options import Options
 from announcer.errors import ConfigError
-from announcer.redact import redact_url
+from announcer.redact import redact_url, scrub, url_secrets
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -23,16 +23,21 @@ class UrlCheck:
 
     @property
     def secrets(self) -> tuple[str, ...]:
-        return (self.password,) if self.password else ()
+        found = (self.password, *url_secrets(self.url))
+        return tuple(sorted({s for s in found if s}, key=len, reverse=True))
 
 
 def split_url(kind: str, spec: str, example: str) -> SplitResult:
     """The spec's parts; no host or a bad port is a configuration error."""
     try:
         parts = urlsplit(spec)
-        _ = parts.port
+        port = parts.port
     except ValueError as exc:
-        raise ConfigError(f"{kind} check {redact_url(spec)!r}: {exc}") from None
+        raise ConfigError(
+            f"{kind} check {redact_url(spec)!r}: {scrub(str(exc), url_secrets(spec))}"
+        ) from None
+    if port == 0:
+        raise ConfigError(f"{kind} check {redact_url(spec)!r}: port 0 cannot be checked")
     if not parts.hostname:
         raise ConfigError(f"{kind} check {redact_url(spec)!r} must look like {example}")
     return parts
@@ -42,4 +47,4 @@ def resolve_password(parts: SplitResult, opts: Options, env_var: str) -> str | N
     """From the URL, else the `password_file` option, else the driver's usual variable."""
     if parts.password:
         return unquote(parts.password)
-    return opts.secret_file("password_file") or os.environ.get(env_var)
+    return opts.secret_file("password_file") or os.environ.get(env_var) or None

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import httpx
 
-from announcer.checks import CheckResult
+from announcer.checks import CheckResult, time_left
 from announcer.checks._options import Options
-from announcer.checks._url import UrlCheck
+from announcer.checks._url import UrlCheck, split_url
 from announcer.errors import ConfigError
 from announcer.redact import redact_url
+
+if TYPE_CHECKING:
+    import regex
 
 BODY_LIMIT = 64 * 1024  # bytes of the body read to match against
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "OPTIONS", "PATCH", "DELETE"})
@@ -27,6 +31,8 @@ def parse_statuses(value: Any) -> tuple[tuple[int, int], ...]:
     if value is None:
         return ((100, 399),)  # what `curl -f` accepts
     items = value if isinstance(value, list) else [value]
+    if not items:
+        raise ConfigError("http check status must name at least one code or range")
     ranges: list[tuple[int, int]] = []
     for item in items:
         low, high = _status_range(item)
@@ -54,32 +60,36 @@ class HttpCheck(UrlCheck):
     headers: Mapping[str, str] = field(default_factory=dict)
     statuses: tuple[tuple[int, int], ...] = ((100, 399),)
     body: str | None = None
-    body_regex: re.Pattern[str] | None = None
+    body_regex: regex.Pattern[str] | None = None
     verify: bool = True
     ca_file: Path | None = None
 
     @classmethod
     def from_spec(cls, spec: str, options: Mapping[str, Any]) -> Self:
-        url = httpx.URL(spec)
+        split_url("http", spec, "http://host:port/path")  # the host and port are checked here
+        try:
+            url = httpx.URL(spec)
+        except (httpx.InvalidURL, ValueError, TypeError) as exc:
+            raise ConfigError(f"http check {redact_url(spec)!r} is not a usable URL: {exc}") from None
         if not url.host:
             raise ConfigError(f"http check {redact_url(spec)!r} has no host")
         opts = Options("http", options)
         method = (opts.string("method") or "GET").upper()
         if method not in METHODS:
             raise ConfigError(f"http check method {method!r} is not one of {sorted(METHODS)}")
-        regex = opts.string("body_regex")
-        try:
-            compiled = re.compile(regex) if regex is not None else None
-        except re.error as exc:
-            raise ConfigError(f"http check body_regex {regex!r} is invalid: {exc}") from None
+        headers = opts.string_map("headers")
+        for name, value in headers.items():
+            if not _HEADER_NAME.fullmatch(name) or any(c in value for c in "\r\n\0"):
+                raise ConfigError(f"http check header {name!r} must be a token with a one-line value")
+        pattern = opts.string("body_regex")
         check = cls(
             url=spec,
             password=url.password or None,
             method=method,
-            headers=opts.string_map("headers"),
+            headers=headers,
             statuses=parse_statuses(opts.raw("status")),
             body=opts.string("body"),
-            body_regex=compiled,
+            body_regex=_compile(pattern) if pattern is not None else None,
             verify=opts.boolean("verify", default=True),
             ca_file=opts.readable_file("ca_file"),
         )
@@ -115,7 +125,7 @@ class HttpCheck(UrlCheck):
             text = (await _read_limited(response)).decode(response.encoding or "utf-8", "replace")
         if self.body is not None and self.body not in text:
             return CheckResult(False, f"HTTP {status}, body lacks {self.body!r}")
-        if self.body_regex is not None and not self.body_regex.search(text):
+        if self.body_regex is not None and not await _search(self.body_regex, text, time_left()):
             return CheckResult(False, f"HTTP {status}, body does not match {self.body_regex.pattern!r}")
         return CheckResult(True, f"HTTP {status}, body matches")
 
@@ -129,3 +139,27 @@ async def _read_limited(response: httpx.Response) -> bytes:
         if size >= BODY_LIMIT:
             break
     return b"".join(chunks)[:BODY_LIMIT]
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _compile(pattern: str) -> regex.Pattern[str]:
+    # The `regex` module, not `re`: it can give up after a time limit and let go of the GIL
+    # while it matches, so a pattern that backtracks without end (`^(a|a)*$`) can neither
+    # pin the event loop nor outlive the check. Imported only when a body_regex is set.
+    import regex  # noqa: PLC0415 - only where a body_regex is configured
+
+    try:
+        return regex.compile(pattern)
+    except (regex.error, ValueError, OverflowError, RecursionError) as exc:
+        raise ConfigError(f"http check body_regex {pattern!r} is invalid: {exc}") from None
+
+
+async def _search(pattern: regex.Pattern[str], text: str, limit: float) -> bool:
+    """Match in a worker thread, bounded by ``limit`` seconds in the thread itself."""
+    try:
+        found = await asyncio.to_thread(pattern.search, text, concurrent=True, timeout=limit)
+    except TimeoutError:
+        raise TimeoutError(f"body_regex took longer than {limit:.3g}s") from None
+    return found is not None

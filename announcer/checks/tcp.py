@@ -8,10 +8,10 @@ import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Self
-from urllib.parse import urlsplit
 
 from announcer.checks import CheckResult
 from announcer.checks._options import Options
+from announcer.checks._url import split_url
 from announcer.errors import ConfigError
 
 READ_LIMIT = 64 * 1024
@@ -23,7 +23,14 @@ def _bytes_option(opts: Options, name: str) -> bytes | None:
     value = opts.string(name)
     if value is None:
         return None
-    decoded: bytes = codecs.escape_decode(value.encode())[0]
+    try:
+        decoded: bytes = codecs.escape_decode(value.encode("utf-8"))[0]
+    except (ValueError, UnicodeEncodeError) as exc:
+        raise ConfigError(f"tcp check option {name!r} {value!r} has a bad escape: {exc}") from None
+    if not decoded:
+        raise ConfigError(f"tcp check option {name!r} is empty; leave it out instead")
+    if len(decoded) > READ_LIMIT:
+        raise ConfigError(f"tcp check option {name!r} is longer than {READ_LIMIT} bytes")
     return decoded
 
 
@@ -36,12 +43,9 @@ class TcpCheck:
 
     @classmethod
     def from_spec(cls, spec: str, options: Mapping[str, Any]) -> Self:
-        try:
-            parts = urlsplit(spec)
-            port = parts.port
-        except ValueError as exc:
-            raise ConfigError(f"tcp check {spec!r}: {exc}") from None
-        if not parts.hostname or port is None:
+        parts = split_url("tcp", spec, "tcp://host:port")
+        port = parts.port
+        if not parts.hostname or not port:
             raise ConfigError(f"tcp check {spec!r} must look like tcp://host:port")
         opts = Options("tcp", options)
         check = cls(parts.hostname, port, _bytes_option(opts, "send"), _bytes_option(opts, "expect"))

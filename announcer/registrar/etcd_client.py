@@ -6,14 +6,24 @@ keepalive on a lost lease is a 200 answer without a positive TTL; a put on a
 dead lease is HTTP 404 with gRPC code 5; the auth token goes bare in the
 ``Authorization`` header and expires (code 16 means: log in again); several
 endpoints mean trying the next one on connect errors and deadlines.
+
+Every endpoint is a peer that may send anything: each request (connect, send,
+and the whole answer) is bounded by the deadline, each answer by
+``ANSWER_LIMIT`` bytes, and an answer that is not what etcd sends (not JSON,
+not an object, a field missing or of the wrong type, bad base64) is an error of
+that endpoint, so the next endpoint is tried, never an exception of ours.
+Values read back are bytes: any client may have written any bytes at a key.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import binascii
+import json
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +31,7 @@ from typing import Any
 import httpx
 
 from announcer.errors import describe
+from announcer.redact import redact_url
 
 # gRPC status codes that etcd's gateway puts in its error bodies.
 INVALID_ARGUMENT = 3
@@ -30,6 +41,9 @@ UNAVAILABLE = 14
 UNAUTHENTICATED = 16
 # Answers that say "this member cannot serve you now; another one may".
 _TRY_ANOTHER_MEMBER = frozenset({UNAVAILABLE, 4, 1})  # unavailable, deadline, cancelled
+# The most announcer reads of one answer. Its own requests are small (a lease, one
+# key without its value); a larger answer is an endpoint misbehaving.
+ANSWER_LIMIT = 1024 * 1024
 
 
 class EtcdError(Exception):
@@ -41,7 +55,11 @@ class EtcdError(Exception):
 
 
 class EtcdUnavailable(EtcdError):
-    """No endpoint answered in time."""
+    """No endpoint answered in time, or none answered as etcd does."""
+
+
+class EtcdProtocolError(EtcdUnavailable):
+    """An endpoint answered, but not as etcd's v3 gateway answers: try another one."""
 
 
 class LeaseNotFound(EtcdError):
@@ -52,18 +70,14 @@ class EtcdAuthError(EtcdError):
     """Wrong user or password, or the user may not do this."""
 
 
-def _b64(text: str) -> str:
-    return base64.b64encode(text.encode()).decode()
-
-
-def _unb64(text: str) -> str:
-    return base64.b64decode(text).decode()
+def _b64(data: str | bytes) -> str:
+    return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
 
 
 @dataclass(frozen=True)
 class EtcdSettings:
     endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
-    timeout: float = 2.0  # per request: a member slower than this counts as down
+    timeout: float = 2.0  # per request, all of it: a member slower than this counts as down
     cacert: Path | None = None
     cert: Path | None = None
     key: Path | None = None
@@ -82,10 +96,41 @@ class EtcdSettings:
 
 @dataclass(frozen=True, slots=True)
 class KeyValue:
-    key: str
-    value: str
+    """What a range read says about a key; ``value`` is None when only keys were asked for."""
+
+    key: bytes
+    value: bytes | None
     lease: int
     mod_revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class Txn:
+    """A transaction's compares and operations, in the gateway's JSON form."""
+
+    compare: list[dict[str, Any]] = field(default_factory=list)
+    success: list[dict[str, Any]] = field(default_factory=list)
+    failure: list[dict[str, Any]] = field(default_factory=list)
+
+
+def compare_lease(key: str, lease: int) -> dict[str, Any]:
+    return {"key": _b64(key), "target": "LEASE", "result": "EQUAL", "lease": str(lease)}
+
+
+def compare_value(key: str, value: bytes) -> dict[str, Any]:
+    return {"key": _b64(key), "target": "VALUE", "result": "EQUAL", "value": _b64(value)}
+
+
+def compare_mod_revision(key: str, revision: int) -> dict[str, Any]:
+    return {"key": _b64(key), "target": "MOD", "result": "EQUAL", "mod_revision": str(revision)}
+
+
+def op_put(key: str, value: bytes, lease: int) -> dict[str, Any]:
+    return {"request_put": {"key": _b64(key), "value": _b64(value), "lease": str(lease)}}
+
+
+def op_delete(key: str) -> dict[str, Any]:
+    return {"request_delete_range": {"key": _b64(key)}}
 
 
 Observer = Callable[[str, str, float], None]  # operation, outcome, seconds
@@ -113,11 +158,14 @@ class EtcdClient:
         context = settings.ssl_context()
         uses_tls = any(e.startswith("https:") for e in self._endpoints)
         self._http = httpx.AsyncClient(
+            # The deadline of a whole request is enforced around it (see _post); this one
+            # only makes httpx give up on a phase no later than that.
             timeout=httpx.Timeout(settings.timeout),
             # Plain-HTTP endpoints need no CA bundle: loading one costs memory and start-up time.
             verify=context if context is not None else uses_tls,
             transport=transport,
             trust_env=False,
+            headers={"Accept-Encoding": "identity"},
         )
 
     @property
@@ -129,49 +177,81 @@ class EtcdClient:
 
     # -- the verbs -----------------------------------------------------------
 
-    async def grant(self, ttl: int) -> int:
+    async def grant(self, ttl: int) -> tuple[int, int]:
+        """A new lease: its ID and the TTL etcd granted (which may differ from ``ttl``)."""
         answer = await self._call("lease_grant", "/v3/lease/grant", {"TTL": ttl})
-        return int(answer["ID"])
+        lease = _number(answer, "ID", self.endpoint)
+        granted = _number(answer, "TTL", self.endpoint, default=ttl)
+        if lease <= 0:
+            raise EtcdProtocolError(f"{self._shown()}: a lease grant without a lease ID")
+        return lease, granted
 
     async def keepalive(self, lease: int) -> int:
         """The TTL etcd reset the lease to; 0 or less means the lease is gone."""
         answer = await self._call("keepalive", "/v3/lease/keepalive", {"ID": str(lease)})
-        return int(answer.get("result", {}).get("TTL", 0))
+        result = answer.get("result", {})
+        if not isinstance(result, Mapping):
+            raise EtcdProtocolError(f"{self._shown()}: a keepalive answer without a result object")
+        return _number(result, "TTL", self.endpoint, default=0)
 
-    async def revoke(self, lease: int) -> None:
+    async def revoke(self, lease: int) -> bool:
+        """True when the lease existed and is now revoked."""
         try:
             await self._call("revoke", "/v3/lease/revoke", {"ID": str(lease)})
         except LeaseNotFound:
-            return
+            return False
+        return True
 
-    async def put(self, key: str, value: str, lease: int) -> int:
+    async def put(self, key: str, value: bytes, lease: int) -> int:
         body = {"key": _b64(key), "value": _b64(value), "lease": str(lease)}
         answer = await self._call("put", "/v3/kv/put", body)
-        return int(answer["header"].get("revision", 0))
+        return _revision(answer, self.endpoint)
 
-    async def get(self, key: str) -> KeyValue | None:
-        answer = await self._call("range", "/v3/kv/range", {"key": _b64(key)})
-        kvs = answer.get("kvs") or []
-        if not kvs:
-            return None
-        kv = kvs[0]
-        return KeyValue(
-            key=key,
-            value=_unb64(kv.get("value", "")),
-            lease=int(kv.get("lease", 0)),
-            mod_revision=int(kv.get("mod_revision", 0)),
-        )
+    async def get(self, key: str, *, keys_only: bool = False) -> KeyValue | None:
+        body: dict[str, Any] = {"key": _b64(key)}
+        if keys_only:
+            body["keys_only"] = True
+        answer = await self._call("range", "/v3/kv/range", body)
+        kvs = _list(answer, "kvs", self.endpoint)
+        return _key_value(kvs[0], self.endpoint, with_value=not keys_only) if kvs else None
+
+    async def get_many(self, keys: list[str], *, keys_only: bool = False) -> list[KeyValue | None]:
+        """Several keys read in one transaction (one request, one revision), in order."""
+        if len(keys) == 1:
+            return [await self.get(keys[0], keys_only=keys_only)]
+        ops = [{"request_range": {"key": _b64(key), "keys_only": keys_only}} for key in keys]
+        answer = await self._call("range", "/v3/kv/txn", {"success": ops})
+        responses = _list(answer, "responses", self.endpoint)
+        if len(responses) != len(keys):
+            raise EtcdProtocolError(
+                f"{self._shown()}: a txn answer with {len(responses)} of {len(keys)} reads"
+            )
+        found: list[KeyValue | None] = []
+        for response in responses:
+            ranged = response.get("response_range") if isinstance(response, Mapping) else None
+            if not isinstance(ranged, Mapping):
+                raise EtcdProtocolError(f"{self._shown()}: a txn answer without its range response")
+            kvs = _list(ranged, "kvs", self.endpoint)
+            found.append(_key_value(kvs[0], self.endpoint, with_value=not keys_only) if kvs else None)
+        return found
 
     async def delete_if_lease(self, key: str, lease: int) -> bool:
         """Delete ``key`` only while it sits on ``lease``; True when it was deleted."""
-        body = {
-            "compare": [{"key": _b64(key), "target": "LEASE", "result": "EQUAL", "lease": str(lease)}],
-            "success": [{"request_delete_range": {"key": _b64(key)}}],
-        }
-        answer = await self._call("delete", "/v3/kv/txn", body)
-        return bool(answer.get("succeeded", False))
+        return await self.txn("delete", Txn([compare_lease(key, lease)], [op_delete(key)]))
+
+    async def txn(self, operation: str, txn: Txn) -> bool:
+        """Run a transaction; True when its compares held (its success branch ran)."""
+        body = {"compare": txn.compare, "success": txn.success, "failure": txn.failure}
+        answer = await self._call(operation, "/v3/kv/txn", body)
+        succeeded = answer.get("succeeded", False)
+        if not isinstance(succeeded, bool):
+            raise EtcdProtocolError(f"{self._shown()}: a txn answer whose 'succeeded' is not true/false")
+        return succeeded
 
     # -- transport, failover, auth --------------------------------------------
+
+    def _shown(self, endpoint: str | None = None) -> str:
+        return redact_url(endpoint or self.endpoint)
 
     async def _call(self, operation: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
@@ -205,7 +285,7 @@ class EtcdClient:
             status, answer = await self._post(endpoint, path, body)
         if status == 200:
             return answer
-        raise _error_from(endpoint, status, answer)
+        raise _error_from(self._shown(endpoint), status, answer)
 
     async def _authenticate(self, endpoint: str) -> None:
         self._token = None
@@ -214,47 +294,144 @@ class EtcdClient:
         try:
             status, answer = await self._post(endpoint, "/v3/auth/authenticate", body)
             if status != 200:
-                error = _error_from(endpoint, status, answer)
+                error = _error_from(self._shown(endpoint), status, answer)
                 if isinstance(error, EtcdUnavailable):
                     raise error
                 raise EtcdAuthError(f"etcd login as {self._settings.user!r} failed: {error}", error.code)
+            token = answer.get("token")
+            if not isinstance(token, str) or not token or not token.isprintable():
+                raise EtcdProtocolError(f"{self._shown(endpoint)}: a login answer without a token")
         except EtcdError as exc:
             self._observe("authenticate", _outcome(exc), time.perf_counter() - started)
             raise
         self._observe("authenticate", "ok", time.perf_counter() - started)
-        self._token = str(answer["token"])
+        self._token = token
 
     async def _post(self, endpoint: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """One request and its whole answer within the deadline, read up to ANSWER_LIMIT."""
+        shown = self._shown(endpoint)
         headers = {"Authorization": self._token} if self._token else {}
+        deadline = self._settings.timeout
         try:
-            response = await self._http.post(endpoint + path, json=body, headers=headers)
+            async with asyncio.timeout(deadline):
+                async with self._http.stream("POST", endpoint + path, json=body, headers=headers) as response:
+                    raw = await _read_bounded(response, shown)
+                    status = response.status_code
+                    content_type = response.headers.get("content-type", "none")
+        except TimeoutError:
+            raise EtcdUnavailable(f"{shown}: no complete answer within {deadline:g}s") from None
         except httpx.TimeoutException:
-            raise EtcdUnavailable(f"{endpoint}: no answer within {self._settings.timeout:g}s") from None
-        except httpx.TransportError as exc:
-            raise EtcdUnavailable(f"{endpoint}: {describe(exc)}") from None
+            raise EtcdUnavailable(f"{shown}: no answer within {deadline:g}s") from None
+        except httpx.DecodingError:
+            raise EtcdProtocolError(f"{shown}: an answer that cannot be decoded as it claims") from None
+        except (httpx.HTTPError, httpx.StreamError, ssl.SSLError, OSError, ValueError) as exc:
+            # Transport errors, and whatever else a peer's bytes can make httpx or h11 raise.
+            raise EtcdUnavailable(f"{shown}: {describe(exc)}") from None
         try:
-            answer = response.json()
-        except ValueError:
-            answer = {"error": response.text[:200]}
+            answer = json.loads(raw)
+        except (ValueError, RecursionError):
+            answer = None
         if not isinstance(answer, dict):
-            answer = {"error": str(answer)[:200]}
-        return response.status_code, answer
+            raise EtcdProtocolError(
+                f"{shown} does not speak etcd's v3 API: HTTP {status}, {content_type[:60]}, "
+                f"{len(raw)} bytes that are not a JSON object"
+            )
+        return status, answer
 
 
-def _error_from(endpoint: str, status: int, answer: dict[str, Any]) -> EtcdError:
+async def _read_bounded(response: httpx.Response, shown: str) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > ANSWER_LIMIT:
+            raise EtcdProtocolError(f"{shown}: an answer larger than {ANSWER_LIMIT // 1024} KiB")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _number(answer: Mapping[str, Any], name: str, endpoint: str, default: int | None = None) -> int:
+    """A 64-bit number, which the gateway sends as a string (or leaves out when zero)."""
+    value = answer.get(name)
+    if value is None and default is not None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise EtcdProtocolError(f"{redact_url(endpoint)}: an answer whose {name!r} is not a number")
+    try:
+        number = int(value)
+    except ValueError:
+        raise EtcdProtocolError(f"{redact_url(endpoint)}: an answer whose {name!r} is not a number") from None
+    if not -(2**63) <= number < 2**64:
+        raise EtcdProtocolError(f"{redact_url(endpoint)}: an answer whose {name!r} is out of range")
+    return number
+
+
+def _revision(answer: Mapping[str, Any], endpoint: str) -> int:
+    header = answer.get("header", {})
+    if not isinstance(header, Mapping):
+        raise EtcdProtocolError(f"{redact_url(endpoint)}: an answer whose header is not an object")
+    return _number(header, "revision", endpoint, default=0)
+
+
+def _list(answer: Mapping[str, Any], name: str, endpoint: str) -> list[Any]:
+    value = answer.get(name) or []
+    if not isinstance(value, list):
+        raise EtcdProtocolError(f"{redact_url(endpoint)}: an answer whose {name!r} is not a list")
+    return value
+
+
+def _unb64(kv: Mapping[str, Any], name: str, endpoint: str) -> bytes:
+    text = kv.get(name, "")
+    if not isinstance(text, str):
+        raise EtcdProtocolError(f"{redact_url(endpoint)}: a key-value whose {name!r} is not base64 text")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise EtcdProtocolError(f"{redact_url(endpoint)}: a key-value whose {name!r} is bad base64") from None
+
+
+def _key_value(kv: Any, endpoint: str, *, with_value: bool) -> KeyValue:
+    if not isinstance(kv, Mapping):
+        raise EtcdProtocolError(f"{redact_url(endpoint)}: a key-value that is not an object")
+    return KeyValue(
+        key=_unb64(kv, "key", endpoint),
+        value=_unb64(kv, "value", endpoint) if with_value else None,
+        lease=_number(kv, "lease", endpoint, default=0),
+        mod_revision=_number(kv, "mod_revision", endpoint, default=0),
+    )
+
+
+# The gateway reaches etcd's own gRPC port as a client, with the server's certificate.
+_GATEWAY_DIAL_FAILURES = ("broken pipe", "connection reset", "bad certificate", "tls: ")
+CLIENT_AUTH_HINT = (
+    "etcd's JSON gateway cannot reach etcd's own gRPC port; with --client-cert-auth the server "
+    "certificate must allow client authentication too (extended key usage clientAuth)"
+)
+
+
+def _error_from(shown: str, status: int, answer: Mapping[str, Any]) -> EtcdError:
     code = answer.get("code")
-    message = str(answer.get("message") or answer.get("error") or f"HTTP {status}")
-    text = f"{endpoint}: {message}"
+    if not isinstance(code, int) or isinstance(code, bool):
+        code = None
+    raw = answer.get("message") or answer.get("error") or f"HTTP {status}"
+    message = str(raw)[:300] if isinstance(raw, str) else f"HTTP {status}"
+    text = f"{shown}: {message}"
+    if code is None and not ("message" in answer or "error" in answer):
+        return EtcdProtocolError(f"{shown} does not speak etcd's v3 API: HTTP {status} with no etcd error")
     if code == NOT_FOUND and "lease" in message:
         return LeaseNotFound(text, code)
     if code in (UNAUTHENTICATED, PERMISSION_DENIED) or "authentication failed" in message:
         return EtcdAuthError(text, code)
+    if code == UNAVAILABLE and any(sign in message.lower() for sign in _GATEWAY_DIAL_FAILURES):
+        return EtcdUnavailable(f"{text} ({CLIENT_AUTH_HINT})", code)
     if code in _TRY_ANOTHER_MEMBER or status >= 500:
         return EtcdUnavailable(text, code)
     return EtcdError(text, code)
 
 
 def _outcome(exc: EtcdError) -> str:
+    if isinstance(exc, EtcdProtocolError):
+        return "bad_answer"
     if isinstance(exc, EtcdUnavailable):
         return "unavailable"
     if isinstance(exc, LeaseNotFound):
