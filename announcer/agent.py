@@ -378,6 +378,8 @@ class Agent:
             answers = self._etcd_answers
             try:
                 await self._reconcile()
+                # A lease just granted, perhaps with a shorter TTL than asked, sets the next due time.
+                keepalive_due = min(keepalive_due, loop.time() + self._keepalive_period())
                 if loop.time() >= keepalive_due:
                     await self._refresh()
                     keepalive_due = loop.time() + self._keepalive_period()

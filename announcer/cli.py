@@ -95,6 +95,21 @@ def main_command(
     shutdown_timeout: Annotated[
         Text, typer.Option(help="Bound on the withdraw at shutdown [default: 5].")
     ] = None,
+    drain: Annotated[
+        Text,
+        typer.Option(
+            help="Seconds to stay up after the withdraw at SIGTERM, while consumers converge [default: 0]."
+        ),
+    ] = None,
+    maintenance_file: Annotated[
+        Text,
+        typer.Option(
+            help="While this file exists the record is withdrawn; {service} {port} allowed [default: none]."
+        ),
+    ] = None,
+    flap_limit: Annotated[
+        Text, typer.Option(help="At most N announcements per window, as N/SECONDS, e.g. 3/60 [default: off].")
+    ] = None,
     metrics_address: Annotated[
         Text, typer.Option(help="HOST:PORT for /metrics and /healthz [default: off].")
     ] = None,

@@ -30,6 +30,8 @@ def agent_config(etcd_url: str, port: int, **flags: Any) -> Config:
         "shutdown_timeout": "2",
     }
     base.update(dict(flags.items()))
+    if "check" in base:  # the CLI's --check is the config's checks
+        base["checks"] = base.pop("check")
     return load_config(base, {}, AMBIENT)
 
 

@@ -156,7 +156,7 @@ class EtcdServer:
         if not kvs:
             return None
         kv: dict[str, Any] = kvs[0]
-        kv["value"] = base64.b64decode(kv.get("value", "")).decode()
+        kv["value"] = base64.b64decode(kv.get("value", "")).decode(errors="replace")
         kv["lease"] = int(kv.get("lease", 0))
         kv["mod_revision"] = int(kv["mod_revision"])
         return kv

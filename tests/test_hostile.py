@@ -71,7 +71,9 @@ def test_non_utf8_bytes_at_the_key_crash_nothing(etcd: EtcdServer, http_service:
         assert process.wait(15) == 0
     # a new agent meets the bytes at start-up: no crash loop, it takes the key over
     with announcer_process(*agent_args(etcd, http_service.port, "--ttl", "3")) as process:
-        wait_until(lambda: (etcd.value(key) or {}).get("port") == http_service.port, 20, "taken over")
+        wait_until(
+            lambda: str(http_service.port) in str((etcd.get(key) or {}).get("value")), 20, "taken over"
+        )
         process.send_signal(signal.SIGTERM)
         assert process.wait(15) == 0
         _, err = process.communicate()

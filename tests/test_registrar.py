@@ -170,3 +170,39 @@ async def test_a_failed_withdraw_leaves_the_record_wanted(etcd_any: EtcdServer, 
     assert etcd_any.get(KEY) is not None  # put back: still wanted
     await registrar.withdraw(KEY)
     assert etcd_any.get(KEY) is None
+
+
+async def test_several_keys_read_in_one_request(etcd_any: EtcdServer, client: EtcdClient) -> None:
+    lease, _ = await client.grant(10)
+    await client.put("/a", b"1", lease)
+    await client.put("/c", b"\xff\xfe", 0)  # any bytes another client wrote
+    found = await client.get_many(["/a", "/b", "/c"], keys_only=True)
+    assert [kv.lease if kv else None for kv in found] == [lease, None, 0]
+    assert [kv.value if kv else None for kv in found] == [None, None, None]
+    with_values = await client.get_many(["/a", "/c"])
+    assert [kv.value for kv in with_values if kv] == [b"1", b"\xff\xfe"]
+
+
+async def test_remove_stale_is_guarded_on_the_revision(etcd_any: EtcdServer, client: EtcdClient) -> None:
+    registrar = EtcdRegistrar(client, ttl=10)
+    crashed = etcd_any.grant(30)
+    etcd_any.put(KEY, '{"host":"crashed"}', crashed)
+    assert await registrar.remove_stale(KEY) == crashed
+    assert etcd_any.get(KEY) is None
+    # a live agent rewrites the record between the look and the delete: it is left alone
+    etcd_any.put(KEY, '{"host":"old"}', crashed)
+    real_get = client.get
+
+    async def get_then_rewrite(key: str, *, keys_only: bool = False):  # type: ignore[no-untyped-def]
+        seen = await real_get(key, keys_only=keys_only)
+        etcd_any.put(KEY, '{"host":"live"}', crashed)
+        return seen
+
+    client.get = get_then_rewrite  # type: ignore[method-assign]
+    assert await registrar.remove_stale(KEY) is None
+    client.get = real_get  # type: ignore[method-assign]
+    assert etcd_any.value(KEY) == {"host": "live"}
+    # our own record is never "stale"
+    await registrar.announce(KEY, RECORD)
+    assert await registrar.remove_stale(KEY) is None
+    assert etcd_any.get(KEY)["lease"] == registrar.lease  # type: ignore[index]

@@ -68,6 +68,7 @@ class ExecCheck:
         _REAPER.start()
         run = _REAPER.new_run()
         read_fd, write_fd = os.pipe()
+        _REAPER.spawning += 1  # until its pid is known, no zombie may be taken for an orphan
         try:
             process = await asyncio.create_subprocess_exec(
                 *self.argv,
@@ -78,12 +79,14 @@ class ExecCheck:
                 env={**os.environ, MARK: run},
             )
         except BaseException:
+            _REAPER.spawning -= 1
             os.close(read_fd)
             _REAPER.end_run(run)
             raise
         finally:
             os.close(write_fd)
         _REAPER.spawned.add(process.pid)
+        _REAPER.spawning -= 1
         output = _Output(read_fd)
         try:
             code = await process.wait()
@@ -152,6 +155,7 @@ class _Reaper:
         self._active: set[str] = set()
         self._killed: set[int] = set()
         self.spawned: set[int] = set()  # the programs themselves: asyncio waits for those
+        self.spawning = 0  # programs being started, whose pids are not known yet
         self._prefix = ""
 
     def start(self) -> None:
@@ -202,7 +206,7 @@ class _Reaper:
         asyncio waits for (the programs) and any child in our own session are left alone.
         """
         own_session = os.getsid(0)
-        for _ in range(1000):
+        for _ in range(1000 if not self.spawning else 0):
             try:
                 info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -134,6 +134,12 @@ def op_delete(key: str) -> dict[str, Any]:
 
 
 Observer = Callable[[str, str, float], None]  # operation, outcome, seconds
+T = TypeVar("T")
+Parser = Callable[[dict[str, Any], str], T]  # an answer and its endpoint -> the verb's value
+
+
+def _whole(answer: dict[str, Any], _endpoint: str) -> dict[str, Any]:
+    return answer
 
 
 def _ignore(_operation: str, _outcome: str, _seconds: float) -> None:
@@ -179,61 +185,73 @@ class EtcdClient:
 
     async def grant(self, ttl: int) -> tuple[int, int]:
         """A new lease: its ID and the TTL etcd granted (which may differ from ``ttl``)."""
-        answer = await self._call("lease_grant", "/v3/lease/grant", {"TTL": ttl})
-        lease = _number(answer, "ID", self.endpoint)
-        granted = _number(answer, "TTL", self.endpoint, default=ttl)
-        if lease <= 0:
-            raise EtcdProtocolError(f"{self._shown()}: a lease grant without a lease ID")
-        return lease, granted
+
+        def parse(answer: dict[str, Any], endpoint: str) -> tuple[int, int]:
+            lease = _number(answer, "ID", endpoint)
+            if lease <= 0:
+                raise EtcdProtocolError(f"{redact_url(endpoint)}: a lease grant without a lease ID")
+            return lease, _number(answer, "TTL", endpoint, default=ttl)
+
+        return await self._call("lease_grant", "/v3/lease/grant", {"TTL": ttl}, parse)
 
     async def keepalive(self, lease: int) -> int:
         """The TTL etcd reset the lease to; 0 or less means the lease is gone."""
-        answer = await self._call("keepalive", "/v3/lease/keepalive", {"ID": str(lease)})
-        result = answer.get("result", {})
-        if not isinstance(result, Mapping):
-            raise EtcdProtocolError(f"{self._shown()}: a keepalive answer without a result object")
-        return _number(result, "TTL", self.endpoint, default=0)
+
+        def parse(answer: dict[str, Any], endpoint: str) -> int:
+            result = answer.get("result", {})
+            if not isinstance(result, Mapping):
+                raise EtcdProtocolError(f"{redact_url(endpoint)}: a keepalive answer without a result object")
+            return _number(result, "TTL", endpoint, default=0)
+
+        return await self._call("keepalive", "/v3/lease/keepalive", {"ID": str(lease)}, parse)
 
     async def revoke(self, lease: int) -> bool:
         """True when the lease existed and is now revoked."""
         try:
-            await self._call("revoke", "/v3/lease/revoke", {"ID": str(lease)})
+            await self._call("revoke", "/v3/lease/revoke", {"ID": str(lease)}, _whole)
         except LeaseNotFound:
             return False
         return True
 
     async def put(self, key: str, value: bytes, lease: int) -> int:
         body = {"key": _b64(key), "value": _b64(value), "lease": str(lease)}
-        answer = await self._call("put", "/v3/kv/put", body)
-        return _revision(answer, self.endpoint)
+        return await self._call("put", "/v3/kv/put", body, _revision)
 
     async def get(self, key: str, *, keys_only: bool = False) -> KeyValue | None:
         body: dict[str, Any] = {"key": _b64(key)}
         if keys_only:
             body["keys_only"] = True
-        answer = await self._call("range", "/v3/kv/range", body)
-        kvs = _list(answer, "kvs", self.endpoint)
-        return _key_value(kvs[0], self.endpoint, with_value=not keys_only) if kvs else None
+
+        def parse(answer: dict[str, Any], endpoint: str) -> KeyValue | None:
+            kvs = _list(answer, "kvs", endpoint)
+            return _key_value(kvs[0], endpoint, with_value=not keys_only) if kvs else None
+
+        return await self._call("range", "/v3/kv/range", body, parse)
 
     async def get_many(self, keys: list[str], *, keys_only: bool = False) -> list[KeyValue | None]:
         """Several keys read in one transaction (one request, one revision), in order."""
         if len(keys) == 1:
             return [await self.get(keys[0], keys_only=keys_only)]
         ops = [{"request_range": {"key": _b64(key), "keys_only": keys_only}} for key in keys]
-        answer = await self._call("range", "/v3/kv/txn", {"success": ops})
-        responses = _list(answer, "responses", self.endpoint)
-        if len(responses) != len(keys):
-            raise EtcdProtocolError(
-                f"{self._shown()}: a txn answer with {len(responses)} of {len(keys)} reads"
-            )
-        found: list[KeyValue | None] = []
-        for response in responses:
-            ranged = response.get("response_range") if isinstance(response, Mapping) else None
-            if not isinstance(ranged, Mapping):
-                raise EtcdProtocolError(f"{self._shown()}: a txn answer without its range response")
-            kvs = _list(ranged, "kvs", self.endpoint)
-            found.append(_key_value(kvs[0], self.endpoint, with_value=not keys_only) if kvs else None)
-        return found
+
+        def parse(answer: dict[str, Any], endpoint: str) -> list[KeyValue | None]:
+            responses = _list(answer, "responses", endpoint)
+            if len(responses) != len(keys):
+                raise EtcdProtocolError(
+                    f"{redact_url(endpoint)}: a txn answer with {len(responses)} of {len(keys)} reads"
+                )
+            found: list[KeyValue | None] = []
+            for response in responses:
+                ranged = response.get("response_range") if isinstance(response, Mapping) else None
+                if not isinstance(ranged, Mapping):
+                    raise EtcdProtocolError(
+                        f"{redact_url(endpoint)}: a txn answer without its range response"
+                    )
+                kvs = _list(ranged, "kvs", endpoint)
+                found.append(_key_value(kvs[0], endpoint, with_value=not keys_only) if kvs else None)
+            return found
+
+        return await self._call("range", "/v3/kv/txn", {"success": ops}, parse)
 
     async def delete_if_lease(self, key: str, lease: int) -> bool:
         """Delete ``key`` only while it sits on ``lease``; True when it was deleted."""
@@ -242,33 +260,39 @@ class EtcdClient:
     async def txn(self, operation: str, txn: Txn) -> bool:
         """Run a transaction; True when its compares held (its success branch ran)."""
         body = {"compare": txn.compare, "success": txn.success, "failure": txn.failure}
-        answer = await self._call(operation, "/v3/kv/txn", body)
-        succeeded = answer.get("succeeded", False)
-        if not isinstance(succeeded, bool):
-            raise EtcdProtocolError(f"{self._shown()}: a txn answer whose 'succeeded' is not true/false")
-        return succeeded
+
+        def parse(answer: dict[str, Any], endpoint: str) -> bool:
+            succeeded = answer.get("succeeded", False)
+            if not isinstance(succeeded, bool):
+                raise EtcdProtocolError(
+                    f"{redact_url(endpoint)}: a txn answer whose 'succeeded' is not true/false"
+                )
+            return succeeded
+
+        return await self._call(operation, "/v3/kv/txn", body, parse)
 
     # -- transport, failover, auth --------------------------------------------
 
     def _shown(self, endpoint: str | None = None) -> str:
         return redact_url(endpoint or self.endpoint)
 
-    async def _call(self, operation: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def _call(self, operation: str, path: str, body: dict[str, Any], parse: Parser[T]) -> T:
         started = time.perf_counter()
         try:
-            answer = await self._call_with_failover(path, body)
+            answer = await self._call_with_failover(path, body, parse)
         except EtcdError as exc:
             self._observe(operation, _outcome(exc), time.perf_counter() - started)
             raise
         self._observe(operation, "ok", time.perf_counter() - started)
         return answer
 
-    async def _call_with_failover(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def _call_with_failover(self, path: str, body: dict[str, Any], parse: Parser[T]) -> T:
+        """The first endpoint whose answer parses; a malformed answer moves on like a timeout."""
         last: EtcdError | None = None
         for _ in range(len(self._endpoints)):
             endpoint = self.endpoint
             try:
-                return await self._call_endpoint(endpoint, path, body)
+                return parse(await self._call_endpoint(endpoint, path, body), endpoint)
             except EtcdUnavailable as exc:
                 last = exc
                 self._current = (self._current + 1) % len(self._endpoints)
@@ -366,7 +390,7 @@ def _number(answer: Mapping[str, Any], name: str, endpoint: str, default: int | 
     return number
 
 
-def _revision(answer: Mapping[str, Any], endpoint: str) -> int:
+def _revision(answer: dict[str, Any], endpoint: str) -> int:
     header = answer.get("header", {})
     if not isinstance(header, Mapping):
         raise EtcdProtocolError(f"{redact_url(endpoint)}: an answer whose header is not an object")
