@@ -38,9 +38,10 @@ def fake_root(tmp_path: Path, units: list[Path]) -> Path:
         )
     bin_dir = root / "usr" / "bin"
     bin_dir.mkdir(parents=True)
-    for program in ("announcer", "docker"):
-        (bin_dir / program).write_text("#!/bin/sh\n")
-        (bin_dir / program).chmod(0o755)
+    (root / "bin").mkdir()
+    for program in ("usr/bin/announcer", "usr/bin/docker", "bin/kill"):
+        (root / program).write_text("#!/bin/sh\n")
+        (root / program).chmod(0o755)
     (root / "etc" / "environment").write_text("COREOS_PUBLIC_IPV4=127.0.0.1\n")
     for unit in units:
         shutil.copy(unit, system / unit.name)
@@ -102,14 +103,20 @@ def test_sidekick_unit_is_the_seed_pattern() -> None:
     assert side["Service.Restart"] == ["on-failure"]
     assert "/etc/environment" in side["Service.EnvironmentFile"]
     assert side["X-Fleet.X-ConditionMachineOf"] == ["apache@%i.service"]
-    assert int(side["Service.TimeoutStopSec"][0]) > 5  # above announcer's default --shutdown-timeout
+    drain = float(next(e for e in side["Service.Environment"] if e.startswith("ANNOUNCER_DRAIN=")).split("=")[1])
+    assert drain > 0  # withdraw at once, then let consumers converge before Apache stops
+    # above announcer's default --shutdown-timeout plus the drain
+    assert int(side["Service.TimeoutStopSec"][0]) > 5 + drain
+    assert side["Service.ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     main = unit("apache@.service")
     assert main["X-Fleet.X-Conflicts"] == ["apache@*.service"]
     assert main["Unit.Before"] == ["apache-discovery@%i.service"]
     assert all(cmd.startswith("-/usr/bin/docker") for cmd in main["Service.ExecStartPre"][:2])
     docker = unit("apache-discovery-docker@.service")
     assert "--network host" in docker["Service.ExecStart"][0]
-    assert docker["Service.ExecStop"] == ["/usr/bin/docker stop --time 15 apache-discovery.%i"]
+    assert docker["Service.ExecStop"] == ["/usr/bin/docker stop --time 20 apache-discovery.%i"]
+    assert "-e ANNOUNCER_DRAIN=5" in docker["Service.ExecStart"][0]
+    assert int(docker["Service.TimeoutStopSec"][0]) > 20
 
 
 def test_dockerfile_lints_clean() -> None:
