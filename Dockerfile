@@ -20,7 +20,7 @@ COPY --from=build /wheels /wheels
 # DL3013 (pin versions): --no-index installs only the wheels built above, so the versions are
 # exactly those of this build; a pin here would repeat pyproject.toml's version by hand.
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir --no-index --find-links /wheels "announcer[all]" \
+RUN pip install --no-cache-dir --no-index --find-links /wheels "etcd-announcer[all]" \
     && rm -rf /wheels \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin announcer
 # Numeric, so the host resolves it without the image's /etc/passwd.

@@ -7,6 +7,13 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+# The database checks' tests need this machine's PostgreSQL, MariaDB and Redis up, and
+# PostgreSQL checking the test role's password; as root, make it so (idempotent).
+if [ "$(id -u)" = 0 ]; then
+  ./scripts/setup-test-services.sh
+else
+  echo "test.sh: not root, so scripts/setup-test-services.sh was not run; database tests may skip" >&2
+fi
 .venv/bin/ruff check announcer tests bench scripts
 .venv/bin/ruff format --check announcer tests bench scripts
 .venv/bin/mypy

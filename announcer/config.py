@@ -48,6 +48,8 @@ SHORTHANDS = {
     "http": "http://{ip}:{port}/",
     "https": "https://{ip}:{port}/",
     "tcp": "tcp://{ip}:{port}",
+    "grpc": "grpc://{ip}:{port}",
+    "grpcs": "grpcs://{ip}:{port}",
 }
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")

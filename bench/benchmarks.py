@@ -30,6 +30,7 @@ from bench.harness import (
     stop_process,
     summary,
     wait_for,
+    workspace,
 )
 
 Rows = list[dict[str, Any]]
@@ -368,6 +369,96 @@ def _with_ratio(rows: Rows, group: str, stat: str) -> Rows:
     return rows
 
 
+def _gap(exists: Callable[[], bool], started: float, settle: float, cap: float) -> float:
+    """Seconds the record was absent after ``started``: until it is back, or 0 when it never left.
+
+    Polls every 5 ms; gives up ``cap`` seconds in; a record that stayed for ``settle``
+    seconds after the last absence counts as back.
+    """
+    absent_since: float | None = None
+    absent = 0.0
+    last_change = started
+    while True:
+        now = time.monotonic()
+        present = exists()
+        if not present and absent_since is None:
+            absent_since = now
+        elif present and absent_since is not None:
+            absent += now - absent_since
+            absent_since, last_change = None, now
+        if absent_since is None and now - last_change >= settle:
+            return absent
+        if now - started > cap:
+            return float("inf")
+        time.sleep(0.005)
+
+
+def lifecycle(mode: Mode) -> Rows:
+    """Seconds out of the pool on a restart against a reload; stale time after a crash with a dead service."""
+    trials = 1 if mode.quick else 5
+    results: dict[str, list[float]] = {}
+    with etcd_and_service() as (etcd, service), workspace() as folder:
+        config = folder / "announcer.toml"
+        key = announcer_key(service.port)
+        for trial in range(trials):
+            # systemctl restart of a healthy sidekick: stop (withdraw), start, announce after rise
+            config.write_text(f'meta = {{ trial = "{trial}" }}\n')
+            agent = start_announcer(etcd, service.port, "--config", str(config))
+            wait_for(lambda: etcd.v3_exists(key), 30, "announce")
+            t0 = time.monotonic()
+            stop_process(agent)
+            agent = start_announcer(etcd, service.port, "--config", str(config))
+            gap = _gap(lambda: etcd.v3_exists(key), t0, settle=0.5, cap=60)
+            results.setdefault("announcer: systemctl restart -> seconds out of the pool", []).append(gap)
+            # systemctl reload: SIGHUP with a changed record
+            config.write_text(f'meta = {{ trial = "{trial}", reloaded = "yes" }}\n')
+            revision = etcd.revision()
+            t0 = time.monotonic()
+            agent.send_signal(signal.SIGHUP)
+            wait_for(lambda r=revision: etcd.revision() > r, 30, "the reloaded record")
+            gap = _gap(lambda: etcd.v3_exists(key), t0, settle=1.0, cap=60)
+            results.setdefault("announcer: systemctl reload -> seconds out of the pool", []).append(gap)
+            stop_process(agent)
+
+            loop = start_loop(etcd, service.port, sleep=mode.loop_sleep)
+            wait_for(lambda: etcd.v2_exists(LOOP_KEY), 30, "loop registers")
+            t0 = time.monotonic()
+            stop_process(loop)
+            subprocess.run(loop_stop_command(etcd), env=loop_env(etcd, service.port), check=False,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)  # fmt: skip
+            loop = start_loop(etcd, service.port, sleep=mode.loop_sleep)
+            gap = _gap(lambda: etcd.v2_exists(LOOP_KEY), t0, settle=0.5, cap=60)
+            results.setdefault("loop: systemctl restart -> seconds out of the pool", []).append(gap)
+            stop_process(loop)
+            subprocess.run(loop_stop_command(etcd), env=loop_env(etcd, service.port), check=False,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)  # fmt: skip
+
+        for _ in range(trials):
+            # the agent is SIGKILLed and the service dies with it; systemd restarts the agent only
+            agent = start_announcer(etcd, service.port)
+            wait_for(lambda: etcd.v3_exists(key), 30, "announce")
+            t0 = time.monotonic()
+            stop_process(agent, signal.SIGKILL)
+            service.kill()
+            agent = start_announcer(etcd, service.port)
+            gone = wait_for(lambda: not etcd.v3_exists(key), 60, "the stale record removed", poll=0.005)
+            results.setdefault("announcer: crash + dead service -> record gone", []).append(gone - t0)
+            stop_process(agent)
+            service.start()
+
+            loop = start_loop(etcd, service.port, sleep=mode.loop_sleep)
+            wait_for(lambda: etcd.v2_exists(LOOP_KEY), 30, "loop registers")
+            t0 = time.monotonic()
+            stop_process(loop, signal.SIGKILL)
+            service.kill()
+            loop = start_loop(etcd, service.port, sleep=mode.loop_sleep)
+            gone = wait_for(lambda: not etcd.v2_exists(LOOP_KEY), 60, "the loop's first pass", poll=0.005)
+            results.setdefault("loop: crash + dead service -> record gone", []).append(gone - t0)
+            stop_process(loop)
+            service.start()
+    return [{"measure": name, **_seconds(summary(values))} for name, values in results.items()]
+
+
 BENCHMARKS: dict[str, Callable[[Mode], Rows]] = {
     "detection": detection,
     "noise": noise,
@@ -375,6 +466,7 @@ BENCHMARKS: dict[str, Callable[[Mode], Rows]] = {
     "footprint": footprint,
     "startup": startup,
     "scale": scale,
+    "lifecycle": lifecycle,
 }
 
 

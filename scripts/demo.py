@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -56,8 +57,10 @@ def main() -> None:
     processes: list[subprocess.Popen[bytes]] = []
 
     def start(args: list[str], log: str) -> subprocess.Popen[bytes]:
+        # A session of its own: Ctrl-C in the terminal signals the whole foreground group,
+        # and etcd must outlive announcer's withdraw, so only announcer may get it.
         with (work / log).open("wb") as out:
-            process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         processes.append(process)
         return process
 
@@ -113,7 +116,11 @@ def main() -> None:
         say(f"etcd now holds {key} = {json.dumps(record())}")
         if forever:
             say("running; press Ctrl-C to stop (announcer withdraws the record on the way out)")
-            agent.wait()
+            try:
+                agent.wait()
+            except KeyboardInterrupt:
+                code = agent.wait(15)  # announcer got the same Ctrl-C: let it withdraw and exit
+                say(f"announcer exited with {code}; record in etcd: {record()}")
             return
         say("stopping the web service: announcer withdraws the record after --fall 2 failed rounds")
         web.send_signal(signal.SIGTERM)
@@ -138,6 +145,7 @@ def main() -> None:
                     process.wait(10)
                 except subprocess.TimeoutExpired:
                     process.kill()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _up(url: str) -> bool:

@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-EXPECTED_ROWS = {"detection": 6, "noise": 2, "shutdown": 5, "footprint": 3, "startup": 3, "scale": 2}
+EXPECTED_ROWS = {
+    "detection": 6,
+    "noise": 2,
+    "shutdown": 5,
+    "footprint": 3,
+    "startup": 3,
+    "scale": 2,
+    "lifecycle": 5,
+}
 
 
 @pytest.mark.slow

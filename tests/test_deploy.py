@@ -103,7 +103,9 @@ def test_sidekick_unit_is_the_seed_pattern() -> None:
     assert side["Service.Restart"] == ["on-failure"]
     assert "/etc/environment" in side["Service.EnvironmentFile"]
     assert side["X-Fleet.X-ConditionMachineOf"] == ["apache@%i.service"]
-    drain = float(next(e for e in side["Service.Environment"] if e.startswith("ANNOUNCER_DRAIN=")).split("=")[1])
+    drain = float(
+        next(e for e in side["Service.Environment"] if e.startswith("ANNOUNCER_DRAIN=")).split("=")[1]
+    )
     assert drain > 0  # withdraw at once, then let consumers converge before Apache stops
     # above announcer's default --shutdown-timeout plus the drain
     assert int(side["Service.TimeoutStopSec"][0]) > 5 + drain
@@ -130,19 +132,25 @@ def test_dockerfile_lints_clean() -> None:
     assert done.stdout == ""
 
 
-def test_wheel_installs_into_a_fresh_venv_as_the_image_does(
-    tmp_path: Path, http_service: HttpService
-) -> None:
-    wheels, env_dir = tmp_path / "wheels", tmp_path / "venv"
-    # the Dockerfile's build stage ...
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-cache-dir", "--wheel-dir", str(wheels),
+@pytest.fixture(scope="module")
+def wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Dockerfile's build stage: wheels of announcer and everything [all] needs."""
+    folder = tmp_path_factory.mktemp("wheels")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-cache-dir", "--wheel-dir", str(folder),
                     f"{ROOT}[all]"], check=True, timeout=600)  # fmt: skip
-    assert list(wheels.glob("announcer-*.whl"))
+    assert list(folder.glob("etcd_announcer-*.whl"))
+    return folder
+
+
+def test_wheel_installs_into_a_fresh_venv_as_the_image_does(
+    tmp_path: Path, http_service: HttpService, wheels: Path
+) -> None:
+    env_dir = tmp_path / "venv"
     # ... and its final stage: offline, from those wheels only
     venv.create(env_dir, with_pip=True)
     python = env_dir / "bin" / "python"
     subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-cache-dir", "--no-index",
-                    "--find-links", str(wheels), "announcer[all]"], check=True, timeout=600)  # fmt: skip
+                    "--find-links", str(wheels), "etcd-announcer[all]"], check=True, timeout=600)  # fmt: skip
     program = env_dir / "bin" / "announcer"
     version = subprocess.run(
         [str(program), "--version"], capture_output=True, text=True, timeout=60, check=True
@@ -193,6 +201,51 @@ def test_container_healthcheck_reads_the_published_address(
     down = subprocess.run([sys.executable, "-m", "announcer.healthcheck"], capture_output=True, text=True,
                           timeout=30, check=False, env={**os.environ, **env})  # fmt: skip
     assert down.returncode == 1
+
+
+def test_the_readme_recipe_gives_a_working_usr_bin_announcer(
+    tmp_path: Path, wheels: Path, etcd: EtcdServer, http_service: HttpService
+) -> None:
+    # The README's host recipe, under a throwaway root, from the built wheels (offline).
+    root = tmp_path / "root"
+    (root / "usr" / "bin").mkdir(parents=True)
+    recipe = (ROOT / "README.md").read_text().split("<!-- host-recipe -->")[1]
+    lines = [
+        line.strip() for line in recipe.splitlines() if line.strip().startswith(("python3", "/opt", "ln "))
+    ]
+    assert len(lines) == 3, lines
+    for line in lines:
+        command = (
+            line.split("  #")[0].replace("/opt/", f"{root}/opt/").replace("/usr/bin/", f"{root}/usr/bin/")
+        )
+        command = command.replace("python3 ", f"{sys.executable} ")
+        command = command.replace("pip install ", f"pip install --quiet --no-index --find-links {wheels} ")
+        subprocess.run(command, shell=True, check=True, timeout=600)
+    program = root / "usr" / "bin" / "announcer"
+    assert program.is_symlink()
+    version = subprocess.run(
+        [str(program), "--version"], capture_output=True, text=True, timeout=60, check=True
+    )
+    dist = subprocess.run(
+        [str(root / "opt" / "announcer" / "bin" / "python"), "-c",
+         "import importlib.metadata as m; print(m.version('etcd-announcer'))"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert version.stdout == f"announcer {dist.stdout.strip()}\n"
+    key = f"/services/web/127.0.0.1:{http_service.port}"
+    with subprocess.Popen(
+        [str(program), "--service", "web", "--port", str(http_service.port), "--ip", "127.0.0.1",
+         "--interval", "0.2", "--timeout", "0.1", "--etcd-endpoints", etcd.url],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
+    ) as process:  # fmt: skip
+        try:
+            wait_until(lambda: etcd.get(key) is not None, 30, "announced by the installed command")
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(15) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert etcd.get(key) is None
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1:0", ""])

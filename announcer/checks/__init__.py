@@ -60,6 +60,8 @@ KINDS: dict[str, Kind] = {
     "redis": Kind("announcer.checks.redis:RedisCheck", "redis"),
     "rediss": Kind("announcer.checks.redis:RedisCheck", "redis"),
     "exec": Kind("announcer.checks.exec:ExecCheck"),
+    "grpc": Kind("announcer.checks.grpc:GrpcCheck", "grpc"),
+    "grpcs": Kind("announcer.checks.grpc:GrpcCheck", "grpc"),
 }
 
 

@@ -63,6 +63,8 @@ class HttpCheck(UrlCheck):
     body_regex: regex.Pattern[str] | None = None
     verify: bool = True
     ca_file: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
 
     @classmethod
     def from_spec(cls, spec: str, options: Mapping[str, Any]) -> Self:
@@ -92,8 +94,17 @@ class HttpCheck(UrlCheck):
             body_regex=_compile(pattern) if pattern is not None else None,
             verify=opts.boolean("verify", default=True),
             ca_file=opts.readable_file("ca_file"),
+            client_cert=opts.readable_file("client_cert"),
+            client_key=opts.readable_file("client_key"),
         )
         opts.done()
+        if (check.client_cert is None) != (check.client_key is None):
+            raise ConfigError("https check options client_cert and client_key go together")
+        if check.client_cert is not None:
+            try:
+                check._verify.load_cert_chain(str(check.client_cert), str(check.client_key))
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"https check client_cert/client_key are not usable: {exc}") from None
         return check
 
     @cached_property
