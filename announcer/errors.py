@@ -5,6 +5,18 @@ class ConfigError(Exception):
     """Bad input: the CLI prints it on one line and exits with code 2."""
 
 
+class EtcdError(Exception):
+    """etcd answered with an error, or could not be reached."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class EtcdUnavailable(EtcdError):
+    """No endpoint answered in time, or none answered as etcd does."""
+
+
 def describe(exc: BaseException) -> str:
     """A cause a person can act on, from an exception and the ones behind it."""
     seen: BaseException | None = exc

@@ -49,12 +49,8 @@ def bind(address: tuple[str, int]) -> socket.socket:
     return sock
 
 
-def health_report(
-    *, last_round: float | None, now: float, max_age: float, details: dict[str, Any]
-) -> tuple[int, dict[str, Any]]:
-    """200 while a check round completed within ``max_age`` seconds, else 503."""
-    age = None if last_round is None else now - last_round
-    alive = age is not None and age <= max_age
+def health_report(*, alive: bool, age: float | None, details: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """200 while the check loops are alive, else 503; ``age``: seconds since the oldest last round."""
     body = {"status": "ok" if alive else "stale", "last_round_age_seconds": age, **details}
     return (200 if alive else 503), body
 

@@ -7,12 +7,13 @@ process; kept apart from the CLI so that the CLI only parses.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,14 @@ from typing import Any
 import structlog
 
 from announcer.agent import Agent
-from announcer.checks import run_round
-from announcer.config import Config
+from announcer.checks import CheckResult, run_round
 from announcer.errors import ConfigError
 from announcer.http import bind
 from announcer.metrics import Metrics
 from announcer.notify import Notifier
+from announcer.registrar.etcd import EtcdRegistrar
+from announcer.registrar.etcd_client import EtcdClient
+from announcer.settings import Config, ServiceConfig
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
 log = structlog.get_logger("announcer")
@@ -55,11 +58,28 @@ def run_agent(config: Config, reload: Loader | None = None) -> int:
     return EXIT_OK
 
 
+@contextlib.asynccontextmanager
+async def build_agent(
+    config: Config, *, metrics: Metrics, notifier: Notifier, listen: socket.socket | None = None
+) -> AsyncIterator[Agent]:
+    """The edge: every concrete part built here and handed to the agent; the client closed after."""
+    client = EtcdClient(config.etcd, observe=metrics.observe_etcd)
+    try:
+        registrar = EtcdRegistrar(client, config.ttl)
+        yield Agent(config, registrar=registrar, metrics=metrics, notifier=notifier, listen=listen)
+    finally:
+        await client.aclose()
+
+
 async def _serve_until_signalled(config: Config, listen: socket.socket | None, reload: Loader | None) -> None:
+    metrics = Metrics()  # with the default process metrics
+    async with build_agent(config, metrics=metrics, notifier=Notifier(), listen=listen) as agent:
+        await _serve(agent, metrics, reload)
+
+
+async def _serve(agent: Agent, metrics: Metrics, reload: Loader | None) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    metrics = Metrics()  # with the default process metrics
-    agent = Agent(config, metrics=metrics, notifier=Notifier(), listen=listen)
 
     def on_stop(signum: int) -> None:
         name = signal.Signals(signum).name
@@ -123,27 +143,48 @@ def _publish_address(listen: socket.socket) -> None:
 
 
 def run_check_once(config: Config, *, as_json: bool) -> int:
-    results = asyncio.run(run_round(list(config.checks), config.timeout))
-    ok = all(r.ok for r in results)
-    record = config.record.to_json()
+    """Every service's checks once, concurrently; exit 1 if any fails."""
+
+    async def every_round() -> list[list[CheckResult]]:
+        return list(await asyncio.gather(*(run_round(list(s.checks), s.timeout) for s in config.services)))
+
+    reports = [
+        _report(svc, results)
+        for svc, results in zip(config.services, asyncio.run(every_round()), strict=True)
+    ]
+    ok = all(report["ok"] for report in reports)
     if as_json:
-        report: dict[str, Any] = {
-            "ok": ok,
-            "checks": [
-                {"name": c.name, "ok": r.ok, "duration_ms": round(r.duration * 1000, 3), "detail": r.detail}
-                for c, r in zip(config.checks, results, strict=True)
-            ],
-            "key": config.key,
-            "record": json.loads(record),
-        }
-        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        document: dict[str, Any] = {"ok": ok}
+        if len(reports) == 1:
+            document.update({k: v for k, v in reports[0].items() if k != "ok"})
+        document["services"] = reports
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
     else:
-        width = max(len(c.name) for c in config.checks)
-        for check, result in zip(config.checks, results, strict=True):
-            verdict = "PASS" if result.ok else "FAIL"
-            sys.stdout.write(
-                f"{verdict}  {check.name:<{width}}  {result.duration * 1000:8.1f} ms  {result.detail}\n"
-            )
-        sys.stdout.write(f"key:    {config.key}\nrecord: {record}\n")
-        sys.stdout.write("would announce\n" if ok else "would NOT announce (a check failed)\n")
+        sys.stdout.write("\n".join(_text_report(report) for report in reports))
     return EXIT_OK if ok else EXIT_CHECK_FAILED
+
+
+def _report(svc: ServiceConfig, results: list[CheckResult]) -> dict[str, Any]:
+    return {
+        "service": svc.service,
+        "port": svc.port,
+        "ok": all(r.ok for r in results),
+        "checks": [
+            {"name": c.name, "ok": r.ok, "duration_ms": round(r.duration * 1000, 3), "detail": r.detail}
+            for c, r in zip(svc.checks, results, strict=True)
+        ],
+        "key": svc.key,
+        "record": json.loads(svc.record.to_json()),
+    }
+
+
+def _text_report(report: dict[str, Any]) -> str:
+    width = max(len(check["name"]) for check in report["checks"])
+    lines = [
+        f"{'PASS' if c['ok'] else 'FAIL'}  {c['name']:<{width}}  {c['duration_ms']:8.1f} ms  {c['detail']}"
+        for c in report["checks"]
+    ]
+    record = json.dumps(report["record"], separators=(",", ":"), ensure_ascii=False)
+    lines += [f"key:    {report['key']}", f"record: {record}"]
+    lines.append("would announce" if report["ok"] else "would NOT announce (a check failed)")
+    return "\n".join(lines) + "\n"

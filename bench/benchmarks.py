@@ -21,11 +21,13 @@ from bench.harness import (
     Etcd,
     HttpService,
     announcer_key,
+    b64,
     etcd_and_service,
     loop_env,
     loop_stop_command,
     proc_stat,
     start_announcer,
+    start_announcer_with,
     start_loop,
     stop_process,
     summary,
@@ -459,6 +461,81 @@ def lifecycle(mode: Mode) -> Rows:
     return [{"measure": name, **_seconds(summary(values))} for name, values in results.items()]
 
 
+def _registered(etcd: Etcd, prefix: str) -> int:
+    end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    answer = etcd.v3("/v3/kv/range", {"key": b64(prefix), "range_end": b64(end), "count_only": True})
+    return int(str(answer.get("count", 0)))
+
+
+def _host_file(path: Path, etcd: Etcd, name: str, ports: list[int], checks: list[str]) -> Path:
+    lines = ['ip = "127.0.0.1"', f'etcd_endpoints = "{etcd.url}"', 'log_level = "warning"']
+    for port, check in zip(ports, checks, strict=True):
+        lines += ["[[services]]", f'service = "{name}"', f"port = {port}", f'checks = ["{check}"]']
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def host(mode: Mode) -> Rows:
+    """N services as N sidekick processes against one host-mode process: memory, CPU, etcd load, detection."""
+    window = 15.0 if mode.quick else 60.0
+    trials = 2 if mode.quick else 8
+    shapes = [(10, "sidekicks"), (10, "host"), (50, "host")] if mode.quick else \
+        [(100, "sidekicks"), (100, "host"), (1000, "host")]  # fmt: skip
+    rows: Rows = []
+    rng = random.Random(11)
+    with etcd_and_service() as (etcd, service), workspace() as folder:
+        victim = HttpService(folder).start()  # service 0 checks this one; it is killed to time detection
+        try:
+            for n, shape in shapes:
+                name = f"{shape}{n}"
+                ports = [21000 + i for i in range(n)]
+                checks = [
+                    f"http://127.0.0.1:{victim.port}/",
+                    *[f"http://127.0.0.1:{service.port}/"] * (n - 1),
+                ]
+                if shape == "sidekicks":
+                    agents = [start_announcer(etcd, port, "--check", check, service=name)
+                              for port, check in zip(ports, checks, strict=True)]  # fmt: skip
+                else:
+                    path = _host_file(folder / f"{name}.toml", etcd, name, ports, checks)
+                    agents = [start_announcer_with(etcd, "--config", str(path))]
+                try:
+                    wait_for(lambda p=f"/services/{name}/", n=n: _registered(etcd, p) == n, 300,
+                             f"{n} {shape} to register", poll=0.5)  # fmt: skip
+                    time.sleep(12)  # past the first keepalives
+                    before_requests, before = etcd.grpc_requests(), [proc_stat(a.pid) for a in agents]
+                    time.sleep(window)
+                    after_requests, after = etcd.grpc_requests(), [proc_stat(a.pid) for a in agents]
+                    detections = []
+                    first = announcer_key(ports[0], name)
+                    for _ in range(trials):
+                        time.sleep(rng.uniform(0, 2.0))  # a random phase against the 2 s cadence
+                        killed = time.monotonic()
+                        victim.kill()
+                        gone = wait_for(lambda k=first: not etcd.v3_exists(k), 60, "detection", poll=0.01)
+                        detections.append(gone - killed)
+                        victim.start()
+                        wait_for(lambda k=first: etcd.v3_exists(k), 60, "re-announce")
+                finally:
+                    for agent in agents:
+                        agent.send_signal(signal.SIGTERM)
+                    for agent in agents:
+                        stop_process(agent, timeout=60)
+                rate = (after_requests - before_requests) / window
+                cpu = sum(a.cpu_s - b.cpu_s for a, b in zip(after, before, strict=True))
+                rows.append({
+                    "shape": f"{n} {'sidekick processes' if shape == 'sidekicks' else 'services, one process'}",
+                    "RSS MB": sum(a.rss_kb for a in after) / 1024,
+                    "CPU % of one core": 100 * cpu / window,
+                    "etcd requests/s": rate,
+                    "detection p95 s": summary(detections)["p95"],
+                    "10,000 hosts like this: etcd requests/s": rate * 10_000 if shape == "host" else None,
+                })  # fmt: skip
+        finally:
+            victim.kill()
+    return rows
+
+
 BENCHMARKS: dict[str, Callable[[Mode], Rows]] = {
     "detection": detection,
     "noise": noise,
@@ -467,6 +544,7 @@ BENCHMARKS: dict[str, Callable[[Mode], Rows]] = {
     "startup": startup,
     "scale": scale,
     "lifecycle": lifecycle,
+    "host": host,
 }
 
 

@@ -196,6 +196,14 @@ def start_announcer(
     )  # fmt: skip
 
 
+def start_announcer_with(etcd: Etcd, *args: str) -> subprocess.Popen[bytes]:
+    """announcer with only these arguments and the etcd endpoint (a host file names the services)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "announcer", "--etcd-endpoints", etcd.url, "--log-level", "warning", *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+    )  # fmt: skip
+
+
 def announcer_key(port: int, service: str = "apache", ip: str = "127.0.0.1") -> str:
     return f"/services/{service}/{ip}:{port}"
 

@@ -12,6 +12,8 @@ from typing import Any
 from announcer.agent import Agent
 from announcer.config import Ambient, Config, load_config
 from announcer.metrics import Metrics
+from announcer.notify import Notifier
+from announcer.runner import build_agent
 
 AMBIENT = Ambient(hostname=lambda: "node-1", ip=lambda: "127.0.0.1")
 
@@ -50,16 +52,25 @@ async def _resolve(value: object) -> object:
 
 @contextlib.asynccontextmanager
 async def running(config: Config, **kwargs: Any) -> AsyncIterator[Agent]:
-    agent = Agent(config, metrics=kwargs.pop("metrics", None) or Metrics(process=False), **kwargs)
-    stop = asyncio.Event()
-    task = asyncio.create_task(agent.serve(stop.wait()))
-    try:
-        yield agent
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, config.shutdown_timeout + 5)
+    """A real agent built as the process edge builds it, served until the block ends."""
+    metrics = kwargs.pop("metrics", None) or Metrics(process=False)
+    notifier = kwargs.pop("notifier", None) or Notifier({})
+    async with build_agent(config, metrics=metrics, notifier=notifier, **kwargs) as agent:
+        stop = asyncio.Event()
+        task = asyncio.create_task(agent.serve(stop.wait()))
+        try:
+            yield agent
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, config.shutdown_timeout + config.drain + 5)
 
 
 def sample(agent: Agent, name: str, **labels: str) -> float:
+    """A metric's value; for per-service metrics, the first service's unless labels say otherwise."""
     value = agent.metrics.registry.get_sample_value(name, labels)
+    if value is None and "service" not in labels:
+        first = agent.services[0].config
+        value = agent.metrics.registry.get_sample_value(
+            name, {"service": first.service, "key": first.key, **labels}
+        )
     return 0.0 if value is None else value

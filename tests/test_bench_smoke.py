@@ -22,6 +22,7 @@ EXPECTED_ROWS = {
     "startup": 3,
     "scale": 2,
     "lifecycle": 5,
+    "host": 3,
 }
 
 

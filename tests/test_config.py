@@ -24,14 +24,19 @@ def load(flags: dict[str, Any] | None = None, env: dict[str, str] | None = None)
 
 def test_defaults() -> None:
     cfg = load({"service": "web", "port": "5555"})
-    assert (cfg.ip, cfg.hostname, cfg.key) == ("10.9.9.9", "node-1", "/services/web/10.9.9.9:5555")
-    assert (cfg.interval, cfg.timeout, cfg.rise, cfg.fall, cfg.ttl) == (2.0, 1.0, 2, 2, 30)
+    svc = cfg.services[0]
+    assert (cfg.services[0].ip, cfg.services[0].hostname, cfg.services[0].key) == (
+        "10.9.9.9",
+        "node-1",
+        "/services/web/10.9.9.9:5555",
+    )
+    assert (svc.interval, svc.timeout, svc.rise, svc.fall, cfg.ttl) == (2.0, 1.0, 2, 2, 30)
     assert cfg.etcd.endpoints == ("http://127.0.0.1:2379",)
     assert cfg.shutdown_timeout == 5.0
-    [check] = cfg.checks
+    [check] = cfg.services[0].checks
     assert isinstance(check, HttpCheck)
     assert check.url == "http://10.9.9.9:5555/"
-    assert cfg.record.to_json() == '{"host":"node-1","ipv4_addr":"10.9.9.9","port":5555}'
+    assert cfg.services[0].record.to_json() == '{"host":"node-1","ipv4_addr":"10.9.9.9","port":5555}'
 
 
 def test_precedence_flags_env_file_ambient(tmp_path: Path) -> None:
@@ -50,13 +55,13 @@ def test_precedence_flags_env_file_ambient(tmp_path: Path) -> None:
         "COREOS_PUBLIC_IPV4": "10.0.0.1",
     }
     cfg = load({"port": "3", "meta": ["extra=flag"]}, env)
-    assert cfg.port == 3  # flag > env > file
+    assert cfg.services[0].port == 3  # flag > env > file
     assert cfg.ttl == 50  # env > file
-    assert cfg.service == "from-file"
-    assert cfg.interval == 7.0
+    assert cfg.services[0].service == "from-file"
+    assert cfg.services[0].interval == 7.0
     assert cfg.etcd.endpoints == ("http://file:2379",)  # file > ambient
-    assert cfg.ip == "10.0.0.1"  # COREOS_PUBLIC_IPV4 before PRIVATE, before the host's
-    assert dict(cfg.meta) == {"zone": "env", "rack": "r1", "extra": "flag"}  # merged key by key
+    assert cfg.services[0].ip == "10.0.0.1"  # COREOS_PUBLIC_IPV4 before PRIVATE, before the host's
+    assert dict(cfg.services[0].meta) == {"zone": "env", "rack": "r1", "extra": "flag"}  # merged key by key
 
 
 def test_ambient_etcd_and_private_ip() -> None:
@@ -65,7 +70,7 @@ def test_ambient_etcd_and_private_ip() -> None:
         {"ETCDCTL_ENDPOINTS": "http://a:1,http://b:2", "COREOS_PRIVATE_IPV4": "10.0.0.2"},
     )
     assert cfg.etcd.endpoints == ("http://a:1", "http://b:2")
-    assert cfg.ip == "10.0.0.2"
+    assert cfg.services[0].ip == "10.0.0.2"
 
 
 def test_checks_from_file_with_options(tmp_path: Path) -> None:
@@ -77,7 +82,7 @@ def test_checks_from_file_with_options(tmp_path: Path) -> None:
         '[[checks]]\nspec = "tcp"\nsend = "PING\\r\\n"\nexpect = "+PONG"\n'
     )
     cfg = load({"config": str(file), "ip": "127.0.0.1"})
-    http, tcp = cfg.checks
+    http, tcp = cfg.services[0].checks
     assert isinstance(http, HttpCheck)
     assert isinstance(tcp, TcpCheck)
     assert http.url == "http://127.0.0.1:8080/health"
@@ -92,7 +97,7 @@ def test_env_check_list_format() -> None:
         {"service": "a", "port": "80", "ip": "127.0.0.1"},
         {"ANNOUNCER_CHECK": "tcp; http://{ip}:{port}/x\nhttp"},
     )
-    assert [c.name for c in cfg.checks] == [
+    assert [c.name for c in cfg.services[0].checks] == [
         "tcp://127.0.0.1:80",
         "http://127.0.0.1:80/x",
         "http://127.0.0.1:80/",
@@ -103,12 +108,12 @@ def test_flags_replace_file_checks(tmp_path: Path) -> None:
     file = tmp_path / "c.toml"
     file.write_text('service = "a"\nport = 80\n[[checks]]\nspec = "tcp"\n')
     cfg = load({"config": str(file), "checks": ["http"], "ip": "127.0.0.1"})
-    assert [c.name for c in cfg.checks] == ["http://127.0.0.1:80/"]
+    assert [c.name for c in cfg.services[0].checks] == ["http://127.0.0.1:80/"]
 
 
 def test_password_is_masked_in_check_names() -> None:
     cfg = load({"service": "a", "port": "80", "checks": ["http://user:hunter2@127.0.0.1:80/"]})
-    assert cfg.checks[0].name == "http://user:***@127.0.0.1:80/"
+    assert cfg.services[0].checks[0].name == "http://user:***@127.0.0.1:80/"
 
 
 def test_etcd_timeout_must_fit_the_keepalive_budget() -> None:

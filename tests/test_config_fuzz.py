@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from announcer.cli import main
-from announcer.config import FILE_KEYS, Ambient, Config, load_config
+from announcer.config import FILE_KEYS, Ambient, Config, ServiceConfig, load_config
 from announcer.errors import ConfigError
 
 AMBIENT = Ambient(hostname=lambda: "node-1", ip=lambda: "127.0.0.1")
@@ -170,8 +170,13 @@ FLAGS = st.fixed_dictionaries(
 )  # fmt: skip
 
 
-def _valid(config: Config) -> None:
+def _valid(loaded: Config) -> None:
     """What a loaded configuration promises the running agent."""
+    for config in loaded.services:
+        _valid_service(config)
+
+
+def _valid_service(config: ServiceConfig) -> None:
     assert config.key.startswith("/")
     assert config.key.isprintable()
     assert len(config.key.encode()) <= 1024

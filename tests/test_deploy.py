@@ -49,15 +49,19 @@ def fake_root(tmp_path: Path, units: list[Path]) -> Path:
 
 
 def verify(root: Path, instances: list[str]) -> subprocess.CompletedProcess[str]:
+    """A plain `systemd-analyze verify`, man pages included: announcer(1) found where installed."""
     tool = shutil.which("systemd-analyze")
     if tool is None:
         require("systemd-analyze not installed (apt-get install systemd)")
     assert tool is not None
+    manpath = root / "usr" / "share" / "man"
+    (manpath / "man1").mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "man" / "announcer.1", manpath / "man1" / "announcer.1")
     return subprocess.run(
-        [tool, "verify", f"--root={root}", "--man=no", "--generators=no", *instances],
+        [tool, "verify", f"--root={root}", "--generators=no", *instances],
         capture_output=True, text=True, timeout=60, check=False,
         cwd=root / "etc" / "systemd" / "system",
-        env={**os.environ, "SYSTEMD_LOG_LEVEL": "notice"},
+        env={**os.environ, "SYSTEMD_LOG_LEVEL": "notice", "MANPATH": f"{manpath}:"},
     )  # fmt: skip
 
 
@@ -209,20 +213,21 @@ def test_the_readme_recipe_gives_a_working_usr_bin_announcer(
     # The README's host recipe, under a throwaway root, from the built wheels (offline).
     root = tmp_path / "root"
     (root / "usr" / "bin").mkdir(parents=True)
+    (root / "usr" / "share" / "man" / "man1").mkdir(parents=True)
     recipe = (ROOT / "README.md").read_text().split("<!-- host-recipe -->")[1]
     lines = [
         line.strip() for line in recipe.splitlines() if line.strip().startswith(("python3", "/opt", "ln "))
     ]
-    assert len(lines) == 3, lines
+    assert len(lines) == 4, lines
     for line in lines:
-        command = (
-            line.split("  #")[0].replace("/opt/", f"{root}/opt/").replace("/usr/bin/", f"{root}/usr/bin/")
-        )
+        command = line.split("  #")[0].replace("/opt/", f"{root}/opt/").replace("/usr/", f"{root}/usr/")
         command = command.replace("python3 ", f"{sys.executable} ")
         command = command.replace("pip install ", f"pip install --quiet --no-index --find-links {wheels} ")
         subprocess.run(command, shell=True, check=True, timeout=600)
     program = root / "usr" / "bin" / "announcer"
     assert program.is_symlink()
+    page = root / "usr" / "share" / "man" / "man1" / "announcer.1"
+    assert page.read_text() == (ROOT / "man" / "announcer.1").read_text()  # the man page came with it
     version = subprocess.run(
         [str(program), "--version"], capture_output=True, text=True, timeout=60, check=True
     )
@@ -256,3 +261,45 @@ def test_healthcheck_without_a_fixed_address_passes(address: str) -> None:
                           timeout=30, check=False, env=env)  # fmt: skip
     assert done.returncode == 0
     assert "nothing to ask" in done.stderr
+
+
+def test_the_man_page_is_generated_from_the_cli_and_renders_cleanly() -> None:
+    from announcer.manpage import render
+
+    assert (ROOT / "man" / "announcer.1").read_text() == render(), (
+        "run: python -m announcer.manpage > man/announcer.1"
+    )
+    man = shutil.which("man")
+    if man is None:
+        require("man not installed (apt-get install man-db)")
+    assert man is not None
+    done = subprocess.run([man, "--warnings", "-l", str(ROOT / "man" / "announcer.1")], capture_output=True,
+                          text=True, timeout=60, check=False, env={**os.environ, "MANWIDTH": "80"})  # fmt: skip
+    assert done.returncode == 0
+    assert done.stderr == ""
+    assert "announcer check" in done.stdout
+    assert "--maintenance-file" in done.stdout.replace("\u2010", "-")
+
+
+def test_cli_explains_itself() -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "announcer", *args], capture_output=True, text=True,
+                              timeout=60, check=False)  # fmt: skip
+
+    root = run("--help")
+    assert root.returncode == 0
+    for shown in ("--port INTEGER", "--interval SECONDS", "[default: 2]", "[required]", "--drain SECONDS"):
+        assert shown in root.stdout, shown
+    assert (
+        "$ETCDCTL_PASSWORD"
+        not in root.stdout.split("--etcd-password-file")[1].split("--")[0].split("(else")[0]
+    )
+    check = run("check", "--help")
+    assert check.returncode == 0
+    assert check.stdout.startswith("Usage: announcer check [OPTIONS]")
+    assert "Run every configured check once" in check.stdout
+    assert "--etcd-endpoints" not in check.stdout  # only what check uses
+    assert "--drain" not in check.stdout
+    typo = run("chekc")
+    assert typo.returncode == 2
+    assert typo.stderr == "error: no command 'chekc'; did you mean 'check'?\n"

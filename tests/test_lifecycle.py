@@ -195,7 +195,7 @@ async def test_reload_changes_record_key_and_timings_without_a_gap(
             agent.apply(keep_process_settings(agent.config, load()))
             rounds = agent.status.rounds
             await eventually(lambda: agent.status.rounds >= rounds + 3, what="rounds at the new interval")
-            assert agent.config.interval == 0.3
+            assert agent.config.services[0].interval == 0.3
             assert agent.status.health is Health.PASSING
             assert agent.registered
         events = [e["event"] for e in logs if e["log_level"] != "debug"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import platform
 import shutil
@@ -16,7 +17,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import announcer
-from announcer.http import bind, health_report
+from announcer.agent import ServiceAgent
+from announcer.http import bind
 from announcer.metrics import Metrics
 from tests.agent_helpers import agent_config, eventually, running
 from tests.servers import EtcdServer, HttpService, announcer_process, free_port, require, wait_until
@@ -38,8 +40,8 @@ def value(samples: dict, name: str, **labels: str) -> float | None:  # type: ign
     return samples.get((name, tuple(sorted(labels.items()))))
 
 
-async def _equals(port: int, name: str, expected: float) -> bool:
-    return value(await scrape(port), name) == expected
+async def _equals(port: int, name: str, expected: float, **labels: str) -> bool:
+    return value(await scrape(port), name, **labels) == expected
 
 
 async def test_metrics_follow_service_and_etcd(etcd: EtcdServer, http_service: HttpService) -> None:
@@ -47,30 +49,31 @@ async def test_metrics_follow_service_and_etcd(etcd: EtcdServer, http_service: H
     port = listen.getsockname()[1]
     check = f"http://127.0.0.1:{http_service.port}/"
     key = f"/services/web/127.0.0.1:{http_service.port}"
+    svc = {"service": "web", "key": key}  # per-service metrics carry the service and its key
     async with running(agent_config(etcd.url, http_service.port), metrics=Metrics(), listen=listen):
         await eventually(lambda: etcd.get(key) is not None, what="announce")
         m = await scrape(port)
-        assert value(m, "announcer_service_healthy") == 1
-        assert value(m, "announcer_registered") == 1
-        assert value(m, "announcer_announcements_total") == 1
+        assert value(m, "announcer_service_healthy", **svc) == 1
+        assert value(m, "announcer_registered", **svc) == 1
+        assert value(m, "announcer_announcements_total", **svc) == 1
         assert value(m, "announcer_lease_grants_total") == 1
         assert value(m, "announcer_etcd_reachable") == 1
-        assert value(m, "announcer_check_runs_total", check=check, result="pass") >= 2  # type: ignore[operator]
-        assert value(m, "announcer_check_duration_seconds_count", check=check) >= 2  # type: ignore[operator]
+        assert value(m, "announcer_check_runs_total", **svc, check=check, result="pass") >= 2  # type: ignore[operator]
+        assert value(m, "announcer_check_duration_seconds_count", **svc, check=check) >= 2  # type: ignore[operator]
         assert value(m, "announcer_etcd_requests_total", operation="put", outcome="ok") == 1
         assert value(m, "announcer_build_info", version=announcer.__version__,
                      python_version=platform.python_version()) == 1  # fmt: skip
         assert value(m, "process_resident_memory_bytes") > 0  # type: ignore[operator]
 
         http_service.status = 500
-        await eventually(lambda: _equals(port, "announcer_registered", 0), what="withdrawn")
+        await eventually(lambda: _equals(port, "announcer_registered", 0, **svc), what="withdrawn")
         m = await scrape(port)
-        assert value(m, "announcer_service_healthy") == 0
-        assert value(m, "announcer_withdrawals_total", reason="check_failure") == 1
-        assert value(m, "announcer_check_runs_total", check=check, result="fail") >= 2  # type: ignore[operator]
+        assert value(m, "announcer_service_healthy", **svc) == 0
+        assert value(m, "announcer_withdrawals_total", **svc, reason="check_failure") == 1
+        assert value(m, "announcer_check_runs_total", **svc, check=check, result="fail") >= 2  # type: ignore[operator]
 
         http_service.status = 200
-        await eventually(lambda: _equals(port, "announcer_registered", 1), what="announced again")
+        await eventually(lambda: _equals(port, "announcer_registered", 1, **svc), what="announced again")
 
         etcd.stop()
         await eventually(lambda: _equals(port, "announcer_etcd_reachable", 0), timeout=15, what="etcd down")
@@ -108,19 +111,16 @@ async def test_healthz_and_routes(etcd: EtcdServer, http_service: HttpService) -
 
 
 @pytest.mark.parametrize(
-    ("last_round", "now", "code", "status"),
-    [
-        (None, 100.0, 503, "stale"),
-        (99.0, 100.0, 200, "ok"),
-        (97.0, 100.0, 200, "ok"),
-        (96.9, 100.0, 503, "stale"),
-    ],
+    ("age", "alive"),
+    [(None, False), (1.0, True), (3.0, True), (3.1, False)],  # interval 0.9 x 3 + timeout 0.4 = 3.1
 )
-def test_health_report_is_stale_after_max_age(
-    last_round: float | None, now: float, code: int, status: str
-) -> None:
-    got_code, body = health_report(last_round=last_round, now=now, max_age=3.0, details={"registered": False})
-    assert (got_code, body["status"], body["registered"]) == (code, status, False)
+def test_a_check_loop_is_alive_while_its_last_round_is_recent(age: float | None, alive: bool) -> None:
+    config = agent_config("http://127.0.0.1:1", 1, interval="0.9", timeout="0.39").services[0]
+    service = ServiceAgent(
+        config, Metrics(process=False).for_service("web", config.key), None, asyncio.Event()
+    )  # type: ignore[arg-type]
+    service.status.last_round = None if age is None else 100.0 - age
+    assert service.loop_alive(100.0) is alive
 
 
 def test_busy_metrics_port_is_exit_2(etcd: EtcdServer) -> None:

@@ -10,6 +10,7 @@ this agent announces anew (the newest healthy instance wins).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from typing import Any
 
@@ -19,6 +20,8 @@ import pytest
 from announcer.agent import Agent
 from announcer.health import Health
 from announcer.metrics import Metrics
+from announcer.notify import Notifier
+from announcer.runner import build_agent
 from tests.agent_helpers import agent_config, eventually
 from tests.servers import EtcdCluster, EtcdServer, HttpService
 
@@ -40,8 +43,11 @@ class Run:
 
     # -- the agent, started and stopped as systemd would (SIGTERM is the stop event) --
 
-    def start_agent(self) -> None:
-        self.agent = Agent(self.config, metrics=Metrics(process=False))
+    async def start_agent(self) -> None:
+        self.edge = contextlib.AsyncExitStack()
+        self.agent = await self.edge.enter_async_context(
+            build_agent(self.config, metrics=Metrics(process=False), notifier=Notifier({}))
+        )
         self.stop = asyncio.Event()
         self.task = asyncio.create_task(self.agent.serve(self.stop.wait()))
         # A fresh agent's first verdict settles the key: healthy, it announces and takes the
@@ -53,6 +59,7 @@ class Run:
         assert self.task is not None
         self.stop.set()
         await asyncio.wait_for(self.task, 15)
+        await self.edge.aclose()
         self.agent = None
 
     # -- what the record should be, and what it is --
@@ -125,7 +132,7 @@ class Run:
             # a stopped agent leaves no record of its own
             if self.foreign is None:
                 await eventually(lambda: self.observed() == "absent", timeout=20, what="withdrawn at SIGTERM")
-        self.start_agent()
+        await self.start_agent()
 
     async def takeover(self) -> None:
         writer = next(m for m in self.cluster.members if self.impaired is None or m is not self.impaired[0])
@@ -149,7 +156,7 @@ async def test_record_follows_health_through_random_faults(
 ) -> None:
     rng = random.Random(seed)
     run = Run(etcd_cluster, http_service)
-    run.start_agent()
+    await run.start_agent()
     steps: dict[str, Any] = {
         "service": run.toggle_service,
         "member": lambda: run.member_fault(rng),

@@ -21,6 +21,7 @@ from announcer.registrar.etcd_client import (
 )
 
 log = structlog.get_logger("announcer.registrar")
+TXN_BATCH = 64  # operations per transaction: etcd refuses more than --max-txn-ops (128 by default)
 
 
 class EtcdRegistrar:
@@ -129,9 +130,22 @@ class EtcdRegistrar:
         self._lease_until = sent + ttl
         return Refreshed(ttl, restored=await self._repair(lease))
 
+    async def withdraw_all(self) -> tuple[str, ...]:
+        """Withdraw every record, in as few requests as etcd's transaction size allows."""
+        keys = list(self._records)
+        deleted: list[str] = []
+        if self.lease is not None:
+            for start in range(0, len(keys), TXN_BATCH):
+                deleted += await self.client.delete_many_if_lease(keys[start : start + TXN_BATCH], self.lease)
+        for key in keys:
+            self._records.pop(key, None)
+            self._written.discard(key)
+            self._displaced.pop(key, None)
+        return tuple(deleted)
+
     async def close(self) -> Closed:
         """Withdraw every record and give the lease back; the caller bounds the time."""
-        withdrawn = tuple([key for key in list(self._records) if await self.withdraw(key)])
+        withdrawn = await self.withdraw_all()
         revoked = False
         if self.lease is not None:
             revoked = await self.client.revoke(self.lease)

@@ -25,13 +25,13 @@ import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 
-from announcer.errors import describe
+from announcer.errors import EtcdError, EtcdUnavailable, describe
 from announcer.redact import redact_url
+from announcer.settings import EtcdSettings
 
 # gRPC status codes that etcd's gateway puts in its error bodies.
 INVALID_ARGUMENT = 3
@@ -41,21 +41,21 @@ UNAVAILABLE = 14
 UNAUTHENTICATED = 16
 # Answers that say "this member cannot serve you now; another one may".
 _TRY_ANOTHER_MEMBER = frozenset({UNAVAILABLE, 4, 1})  # unavailable, deadline, cancelled
+__all__ = [
+    "EtcdAuthError",
+    "EtcdClient",
+    "EtcdError",
+    "EtcdProtocolError",
+    "EtcdSettings",
+    "EtcdUnavailable",
+    "KeyValue",
+    "LeaseNotFound",
+    "Txn",
+]  # fmt: skip
+
 # The most announcer reads of one answer. Its own requests are small (a lease, one
 # key without its value); a larger answer is an endpoint misbehaving.
 ANSWER_LIMIT = 1024 * 1024
-
-
-class EtcdError(Exception):
-    """etcd answered with an error, or could not be reached."""
-
-    def __init__(self, message: str, code: int | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class EtcdUnavailable(EtcdError):
-    """No endpoint answered in time, or none answered as etcd does."""
 
 
 class EtcdProtocolError(EtcdUnavailable):
@@ -72,26 +72,6 @@ class EtcdAuthError(EtcdError):
 
 def _b64(data: str | bytes) -> str:
     return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
-
-
-@dataclass(frozen=True)
-class EtcdSettings:
-    endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
-    timeout: float = 2.0  # per request, all of it: a member slower than this counts as down
-    cacert: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
-    user: str | None = None
-    password: str | None = field(default=None, repr=False)
-
-    def ssl_context(self) -> ssl.SSLContext | None:
-        """The TLS context when any TLS file is set; raises OSError/SSLError on bad files."""
-        if self.cacert is None and self.cert is None:
-            return None
-        context = ssl.create_default_context(cafile=str(self.cacert) if self.cacert else None)
-        if self.cert is not None:
-            context.load_cert_chain(str(self.cert), str(self.key) if self.key else None)
-        return context
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +91,9 @@ class Txn:
     compare: list[dict[str, Any]] = field(default_factory=list)
     success: list[dict[str, Any]] = field(default_factory=list)
     failure: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"compare": self.compare, "success": self.success, "failure": self.failure}
 
 
 def compare_lease(key: str, lease: int) -> dict[str, Any]:
@@ -253,13 +236,38 @@ class EtcdClient:
 
         return await self._call("range", "/v3/kv/txn", {"success": ops}, parse)
 
+    async def delete_many_if_lease(self, keys: list[str], lease: int) -> list[str]:
+        """Delete each key that sits on ``lease``, in one request; the keys deleted.
+
+        One transaction whose operations are transactions of their own (etcd 3.3+), so
+        that each delete keeps its own guard: a key another lease holds stays.
+        """
+        ops = [{"request_txn": Txn([compare_lease(key, lease)], [op_delete(key)]).as_json()} for key in keys]
+
+        def parse(answer: dict[str, Any], endpoint: str) -> list[str]:
+            responses = _list(answer, "responses", endpoint)
+            if len(responses) != len(keys):
+                raise EtcdProtocolError(
+                    f"{redact_url(endpoint)}: a txn answer with {len(responses)} of {len(keys)}"
+                )
+            deleted: list[str] = []
+            for key, response in zip(keys, responses, strict=True):
+                inner = response.get("response_txn") if isinstance(response, Mapping) else None
+                if not isinstance(inner, Mapping) or not isinstance(inner.get("succeeded", False), bool):
+                    raise EtcdProtocolError(f"{redact_url(endpoint)}: a txn answer without its inner result")
+                if inner.get("succeeded", False):
+                    deleted.append(key)
+            return deleted
+
+        return await self._call("delete", "/v3/kv/txn", {"success": ops}, parse)
+
     async def delete_if_lease(self, key: str, lease: int) -> bool:
         """Delete ``key`` only while it sits on ``lease``; True when it was deleted."""
         return await self.txn("delete", Txn([compare_lease(key, lease)], [op_delete(key)]))
 
     async def txn(self, operation: str, txn: Txn) -> bool:
         """Run a transaction; True when its compares held (its success branch ran)."""
-        body = {"compare": txn.compare, "success": txn.success, "failure": txn.failure}
+        body = txn.as_json()
 
         def parse(answer: dict[str, Any], endpoint: str) -> bool:
             succeeded = answer.get("succeeded", False)

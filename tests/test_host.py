@@ -1,0 +1,191 @@
+"""Host mode (#12): many services in one process, on one lease, each with its own verdict."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+
+from announcer.config import load_config
+from announcer.errors import ConfigError
+from announcer.health import Health
+from announcer.runner import keep_process_settings
+from tests.agent_helpers import AMBIENT, eventually, running
+from tests.servers import EtcdServer, HttpService, SilentListener, Watcher, announcer_process, wait_until
+from tests.test_process import StderrLog
+
+
+def host_file(path: Path, etcd: EtcdServer, services: list[dict[str, object]], **top: object) -> Path:
+    lines = [
+        'ip = "127.0.0.1"',
+        "interval = 0.2",
+        "timeout = 0.15",
+        "ttl = 3",
+        f'etcd_endpoints = "{etcd.url}"',
+    ]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in top.items()]
+    for service in services:
+        lines.append("[[services]]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in service.items() if k != "checks"]
+        for spec in service.get("checks", []):  # type: ignore[attr-defined]
+            lines += ["[[services.checks]]", f"spec = {json.dumps(spec)}"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def load(path: Path):  # type: ignore[no-untyped-def]
+    return load_config({"config": str(path)}, {}, AMBIENT)
+
+
+@pytest.fixture
+def three() -> list[HttpService]:
+    services = [HttpService() for _ in range(3)]
+    yield services  # type: ignore[misc]
+    for service in services:
+        service.close()
+
+
+def key(service: HttpService, name: str = "web") -> str:
+    return f"/services/{name}/127.0.0.1:{service.port}"
+
+
+async def test_services_share_one_lease_and_fail_alone(
+    etcd_any: EtcdServer, three: list[HttpService], tmp_path: Path
+) -> None:
+    etcd = etcd_any  # on etcd 3.5 and Debian's 3.4 alike
+    path = host_file(tmp_path / "host.toml", etcd, [{"service": "web", "port": s.port} for s in three])
+    async with running(load(path)) as agent:
+        await eventually(lambda: all(etcd.get(key(s)) is not None for s in three), what="all announced")
+        leases = {etcd.get(key(s))["lease"] for s in three}  # type: ignore[index]
+        assert len(leases) == 1  # one lease for the whole process
+        watcher = Watcher(etcd, "/services/")
+        start = {op: _requests(agent, op) for op in ("keepalive", "range")}
+        three[1].status = 503
+        await eventually(lambda: etcd.get(key(three[1])) is None, what="the failing one withdrawn")
+        await eventually(lambda: _requests(agent, "keepalive") >= start["keepalive"] + 3, what="keepalives")
+        # one keepalive and one read for the whole host per TTL/3, whatever the number of services
+        keepalives = _requests(agent, "keepalive") - start["keepalive"]
+        reads = _requests(agent, "range") - start["range"]
+        assert reads <= keepalives + 1
+        assert [(e.get("type", "PUT"), _key(e)) for e in watcher.events] == [("DELETE", key(three[1]))]
+        assert [s.status.health for s in agent.services] == [Health.PASSING, Health.FAILING, Health.PASSING]
+        code, body = agent.health_report()
+        assert code == 200
+        assert [s["registered"] for s in body["services"]] == [True, False, True]  # type: ignore[index, union-attr]
+        watcher.close()
+    assert all(etcd.get(key(s)) is None for s in three)
+    assert etcd.lease_ttl(leases.pop()) == -1
+
+
+def _requests(agent, operation: str) -> float:  # type: ignore[no-untyped-def]
+    value = agent.metrics.registry.get_sample_value(
+        "announcer_etcd_requests_total", {"operation": operation, "outcome": "ok"}
+    )
+    return value or 0.0
+
+
+def _key(event: dict[str, object]) -> str:
+    import base64
+
+    return base64.b64decode(event["kv"]["key"]).decode()  # type: ignore[index]
+
+
+def test_sigterm_withdraws_every_record_and_revokes(
+    etcd: EtcdServer, three: list[HttpService], tmp_path: Path
+) -> None:
+    path = host_file(tmp_path / "host.toml", etcd, [{"service": "web", "port": s.port} for s in three])
+    with announcer_process("--config", str(path), "--hostname", "node-1") as process:
+        log = StderrLog(process.stderr)
+        wait_until(lambda: all(etcd.get(key(s)) is not None for s in three), 20, "all announced")
+        lease = etcd.get(key(three[0]))["lease"]  # type: ignore[index]
+        watcher = Watcher(etcd, "/services/")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+    wait_until(lambda: len(watcher.events) >= 3, 5, "three deletes")
+    assert sorted(_key(e) for e in watcher.events) == sorted(key(s) for s in three)
+    assert {e["kv"]["mod_revision"] for e in watcher.events} == {watcher.events[0]["kv"]["mod_revision"]}
+    assert etcd.lease_ttl(lease) == -1
+    assert log.saw("withdrawn, lease revoked")
+    watcher.close()
+
+
+def test_two_services_rendering_one_key_are_refused(etcd: EtcdServer, tmp_path: Path) -> None:
+    path = host_file(
+        tmp_path / "host.toml", etcd, [{"service": "web", "port": 80}, {"service": "web", "port": 80}]
+    )
+    with pytest.raises(
+        ConfigError, match=r"services web:80 and web:80 both render the key /services/web/127.0.0.1:80"
+    ):
+        load(path)
+    bad = host_file(tmp_path / "bad.toml", etcd, [{"service": "web", "port": 80, "ttl": 5}])
+    with pytest.raises(ConfigError, match="ttl is process-wide; set it at the top level"):
+        load(bad)
+
+
+async def test_a_hanging_check_delays_no_other_service(
+    etcd: EtcdServer, three: list[HttpService], tmp_path: Path
+) -> None:
+    silent = SilentListener()
+    try:
+        path = host_file(
+            tmp_path / "host.toml", etcd,
+            [{"service": "slow", "port": silent.port, "interval": 2, "timeout": 1.5},
+             {"service": "web", "port": three[0].port}],
+        )  # fmt: skip
+        async with running(load(path)) as agent:
+            slow, fast = agent.services
+            await eventually(lambda: fast.status.rounds >= 20, timeout=15, what="twenty fast rounds")
+            assert slow.status.rounds <= 3  # one 1.5 s hang after another
+            overruns = agent.metrics.registry.get_sample_value(
+                "announcer_check_round_overruns_total", {"service": "web", "key": key(three[0])}
+            )
+            assert overruns == 0  # the fast service kept its cadence throughout
+            assert etcd.get(key(three[0])) is not None
+    finally:
+        silent.close()
+
+
+async def test_reload_adds_removes_and_leaves_the_rest_alone(
+    etcd: EtcdServer, three: list[HttpService], tmp_path: Path
+) -> None:
+    a, b, c = three
+    path = host_file(
+        tmp_path / "host.toml", etcd, [{"service": "web", "port": a.port}, {"service": "web", "port": b.port}]
+    )
+    async with running(load(path)) as agent:
+        await eventually(
+            lambda: etcd.get(key(a)) is not None and etcd.get(key(b)) is not None, what="announced"
+        )
+        watcher = Watcher(etcd, "/services/")
+        host_file(path, etcd, [{"service": "web", "port": a.port}, {"service": "web", "port": c.port}])
+        agent.apply(keep_process_settings(agent.config, load(path)))
+        await eventually(
+            lambda: etcd.get(key(c)) is not None and etcd.get(key(b)) is None, what="c in, b out"
+        )
+        assert sorted((e.get("type", "PUT"), _key(e)) for e in watcher.events) == [
+            ("DELETE", key(b)), ("PUT", key(c)),
+        ]  # fmt: skip  # a untouched
+        assert [s.config.port for s in agent.services] == [a.port, c.port]
+        watcher.close()
+
+
+def test_check_command_checks_every_service(
+    three: list[HttpService], tmp_path: Path, etcd: EtcdServer
+) -> None:
+    three[2].status = 500
+    path = host_file(
+        tmp_path / "host.toml", etcd, [{"service": f"s{i}", "port": s.port} for i, s in enumerate(three)]
+    )
+    with announcer_process("check", "--config", str(path)) as process:
+        out, _ = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert out.count("would announce") == 2
+    assert out.count("would NOT announce") == 1
+    with announcer_process("check", "--config", str(path), "--json") as process:
+        out, _ = process.communicate(timeout=60)
+    report = json.loads(out)
+    assert report["ok"] is False
+    assert [s["ok"] for s in report["services"]] == [True, True, False]
+    assert [s["key"] for s in report["services"]] == [key(s, f"s{i}") for i, s in enumerate(three)]
