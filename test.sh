@@ -9,10 +9,13 @@ fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 # The database checks' tests need this machine's PostgreSQL, MariaDB and Redis up, and
 # PostgreSQL checking the test role's password; as root, make it so (idempotent).
+# The image test needs podman and a local Debian base image (no registry is reachable here).
 if [ "$(id -u)" = 0 ]; then
   ./scripts/setup-test-services.sh
+  ./scripts/make-image-base.sh
 else
-  echo "test.sh: not root, so scripts/setup-test-services.sh was not run; database tests may skip" >&2
+  echo "test.sh: not root, so scripts/setup-test-services.sh and make-image-base.sh were not run;" \
+    "database and image tests may skip" >&2
 fi
 .venv/bin/ruff check announcer tests bench scripts
 .venv/bin/ruff format --check announcer tests bench scripts

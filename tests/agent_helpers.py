@@ -74,3 +74,12 @@ def sample(agent: Agent, name: str, **labels: str) -> float:
             name, {"service": first.service, "key": first.key, **labels}
         )
     return 0.0 if value is None else value
+
+
+async def keepalives_go_on(agent: Agent, count: int, timeout: float = 15.0) -> None:
+    """Wait for ``count`` more successful keepalives: the lease kept, as the agent sees it."""
+    start = sample(agent, "announcer_etcd_requests_total", operation="keepalive", outcome="ok")
+    await eventually(
+        lambda: sample(agent, "announcer_etcd_requests_total", operation="keepalive", outcome="ok") >= start + count,
+        timeout=timeout, what=f"{count} more keepalives",
+    )  # fmt: skip

@@ -210,11 +210,11 @@ def test_container_healthcheck_reads_the_published_address(
 def test_the_readme_recipe_gives_a_working_usr_bin_announcer(
     tmp_path: Path, wheels: Path, etcd: EtcdServer, http_service: HttpService
 ) -> None:
-    # The README's host recipe, under a throwaway root, from the built wheels (offline).
+    # docs/install.md's host recipe, under a throwaway root, from the built wheels (offline).
     root = tmp_path / "root"
     (root / "usr" / "bin").mkdir(parents=True)
     (root / "usr" / "share" / "man" / "man1").mkdir(parents=True)
-    recipe = (ROOT / "README.md").read_text().split("<!-- host-recipe -->")[1]
+    recipe = (ROOT / "docs" / "install.md").read_text().split("<!-- host-recipe -->")[1]
     lines = [
         line.strip() for line in recipe.splitlines() if line.strip().startswith(("python3", "/opt", "ln "))
     ]

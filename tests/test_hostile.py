@@ -27,7 +27,7 @@ from announcer.checks import run_check
 from announcer.checks.exec import ExecCheck
 from announcer.health import Health
 from announcer.registrar.etcd_client import EtcdClient, EtcdSettings, EtcdUnavailable
-from tests.agent_helpers import agent_config, eventually, running, sample
+from tests.agent_helpers import agent_config, eventually, keepalives_go_on, running, sample
 from tests.hostile import MODES, HostileGateway
 from tests.servers import (
     EtcdServer,
@@ -137,13 +137,7 @@ async def test_agent_fails_over_past_a_hostile_member(
                 lambda: etcd.get(key) is not None, timeout=15, what="announced through the healthy member"
             )
             lease = etcd.get(key)["lease"]  # type: ignore[index]
-            start = sample(agent, "announcer_etcd_requests_total", operation="keepalive", outcome="ok")
-            # TTL 3: beyond a whole TTL of keepalives, the record stays on its first lease
-            await eventually(
-                lambda: sample(agent, "announcer_etcd_requests_total", operation="keepalive", outcome="ok")
-                >= start + 4,
-                timeout=15, what="keepalives through the healthy member",
-            )  # fmt: skip
+            await keepalives_go_on(agent, 4)  # TTL 3: beyond a whole TTL, the record stays on its first lease
             assert etcd.get(key)["lease"] == lease  # type: ignore[index]
             assert agent.registered
     finally:
@@ -401,13 +395,8 @@ async def test_the_granted_ttl_sets_the_keepalive_period(etcd: EtcdServer, http_
             async with running(agent_config(gateway.url, http_service.port, ttl="9")) as agent:
                 await eventually(lambda: etcd.get(key) is not None, what="announce")
                 lease = etcd.get(key)["lease"]  # type: ignore[index]
-                start = sample(agent, "announcer_etcd_requests_total", operation="keepalive", outcome="ok")
                 # a TTL of 2 granted: keepalives come every 2/3 s, and over 4 TTLs the lease lives on
-                await eventually(
-                    lambda: sample(agent, "announcer_etcd_requests_total", operation="keepalive", outcome="ok")
-                    >= start + 12,
-                    timeout=20, what="keepalives at the granted period",
-                )  # fmt: skip
+                await keepalives_go_on(agent, 12, timeout=20)
                 assert etcd.get(key)["lease"] == lease  # type: ignore[index]
                 assert sample(agent, "announcer_lease_grants_total") == 1
         warning = next(e for e in logs if e["event"].startswith("etcd granted a different TTL"))

@@ -170,7 +170,7 @@ def test_example_alert_rules_are_valid_and_documented() -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SUCCESS: 2 rules found" in done.stdout
-    assert rules.read_text() in (ROOT / "README.md").read_text()
+    assert rules.read_text() in (ROOT / "docs" / "observability.md").read_text()
 
 
 class NotifySocket:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import signal
 import ssl
 from pathlib import Path
 
@@ -14,7 +16,17 @@ from announcer.config import load_config
 from announcer.errors import ConfigError
 from announcer.health import Health
 from tests.agent_helpers import AMBIENT, agent_config, eventually, running, sample
-from tests.servers import EtcdCluster, EtcdServer, HttpService, PartitionProxy, Watcher, etcdctl
+from tests.servers import (
+    EtcdCluster,
+    EtcdServer,
+    HttpService,
+    PartitionProxy,
+    Watcher,
+    announcer_process,
+    etcdctl,
+    wait_until,
+)
+from tests.test_process import StderrLog
 
 KEY = "/services/web/127.0.0.1:{port}"
 
@@ -255,3 +267,77 @@ async def test_partitioned_etcd_blocks_nothing(etcd: EtcdServer, http_service: H
         assert any("the record goes when the lease expires, within" in e["event"] for e in logs)
     finally:
         proxy.close()
+
+
+def _chain_without_client_auth(folder: Path) -> dict[str, Path]:
+    """A CA, a server certificate for serverAuth only (the trap), and a client certificate."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    def key() -> ec.EllipticCurvePrivateKey:
+        return ec.generate_private_key(ec.SECP256R1())
+
+    def cert(subject: str, public: object, issuer_key: object, issuer: str, *extensions: tuple[object, bool]):  # type: ignore[no-untyped-def]
+        now = datetime.datetime.now(datetime.UTC)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(public).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+        )  # fmt: skip
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical=critical)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca_key, server_key, client_key = key(), key(), key()
+    ca = cert(
+        "test CA",
+        ca_key.public_key(),
+        ca_key,
+        "test CA",
+        (x509.BasicConstraints(ca=True, path_length=None), True),
+    )
+    server = cert(
+        "127.0.0.1", server_key.public_key(), ca_key, "test CA",
+        (x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False),
+        (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),  # no CLIENT_AUTH: the trap
+    )  # fmt: skip
+    client = cert("announcer", client_key.public_key(), ca_key, "test CA",
+                  (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False))  # fmt: skip
+    files = {name: folder / f"{name}.pem" for name in ("ca", "server", "server-key", "client", "client-key")}
+    for name, item in (("ca", ca), ("server", server), ("client", client)):
+        files[name].write_bytes(item.public_bytes(serialization.Encoding.PEM))
+    for name, private in (("server-key", server_key), ("client-key", client_key)):
+        files[name].write_bytes(private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))  # fmt: skip
+    return files
+
+
+def test_a_server_certificate_without_client_auth_is_named(
+    etcd: EtcdServer, http_service: HttpService, tmp_path: Path
+) -> None:
+    # etcdctl (gRPC) works against such a member; etcd's JSON gateway dials etcd's own gRPC
+    # port with the server certificate and fails: announcer says what to fix.
+    files = _chain_without_client_auth(tmp_path)
+    etcd.stop()
+    etcd.wipe()
+    etcd.scheme = "https"
+    etcd.extra_args = ("--cert-file", str(files["server"]), "--key-file", str(files["server-key"]),
+                       "--trusted-ca-file", str(files["ca"]), "--client-cert-auth")  # fmt: skip
+    etcd.start(wait=False)
+    args = ["--service", "web", "--port", str(http_service.port), "--ip", "127.0.0.1", "--interval", "0.2",
+            "--timeout", "0.1", "--ttl", "6", "--etcd-endpoints", etcd.url, "--etcd-cacert", str(files["ca"]),
+            "--etcd-cert", str(files["client"]), "--etcd-key", str(files["client-key"])]  # fmt: skip
+    with announcer_process(*args) as process:
+        log = StderrLog(process.stderr)
+        wait_until(lambda: any("clientAuth" in str(e.get("error")) for e in log.events), 30, "the hint")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+    unreachable = [e for e in log.events if e.get("event") == "etcd unreachable"]
+    assert len(unreachable) == 1
+    assert "extended key usage clientAuth" in str(unreachable[0]["error"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,28 @@ def tls_context(ca_file: Path | None, *, verify: bool = True, check_hostname: bo
     elif not check_hostname:
         context.check_hostname = False
     return context
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The TLS options the HTTPS and gRPC checks share."""
+
+    verify: bool = True
+    ca_file: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+
+
+def tls_files(opts: Options, kind: str) -> TlsFiles:
+    files = TlsFiles(
+        verify=opts.boolean("verify", default=True),
+        ca_file=opts.readable_file("ca_file"),
+        client_cert=opts.readable_file("client_cert"),
+        client_key=opts.readable_file("client_key"),
+    )
+    if (files.client_cert is None) != (files.client_key is None):
+        raise ConfigError(f"{kind} check options client_cert and client_key go together")
+    return files
 
 
 class Options:

@@ -25,7 +25,7 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from announcer.checks import CheckResult, time_left
-from announcer.checks._options import Options
+from announcer.checks._options import Options, tls_files
 from announcer.checks._url import split_url
 from announcer.errors import ConfigError
 
@@ -63,14 +63,9 @@ class GrpcCheck:
             port=parts.port,
             service=unquote(parts.path.strip("/")),
             tls=tls,
-            verify=opts.boolean("verify", default=True),
-            ca_file=opts.readable_file("ca_file"),
-            client_cert=opts.readable_file("client_cert"),
-            client_key=opts.readable_file("client_key"),
+            **vars(tls_files(opts, "grpcs")),
         )
         opts.done()
-        if (check.client_cert is None) != (check.client_key is None):
-            raise ConfigError("grpcs check options client_cert and client_key go together")
         if not tls and (check.ca_file or check.client_cert or not check.verify):
             raise ConfigError(f"grpc check {spec!r}: TLS options need grpcs://")
         return check

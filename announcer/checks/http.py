@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Self
 import httpx
 
 from announcer.checks import CheckResult, time_left
-from announcer.checks._options import Options
+from announcer.checks._options import Options, tls_files
 from announcer.checks._url import UrlCheck, split_url
 from announcer.errors import ConfigError
 from announcer.redact import redact_url
@@ -92,14 +92,9 @@ class HttpCheck(UrlCheck):
             statuses=parse_statuses(opts.raw("status")),
             body=opts.string("body"),
             body_regex=_compile(pattern) if pattern is not None else None,
-            verify=opts.boolean("verify", default=True),
-            ca_file=opts.readable_file("ca_file"),
-            client_cert=opts.readable_file("client_cert"),
-            client_key=opts.readable_file("client_key"),
+            **vars(tls_files(opts, "https")),
         )
         opts.done()
-        if (check.client_cert is None) != (check.client_key is None):
-            raise ConfigError("https check options client_cert and client_key go together")
         if check.client_cert is not None:
             try:
                 check._verify.load_cert_chain(str(check.client_cert), str(check.client_key))
