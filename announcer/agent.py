@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import socket
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -272,7 +271,7 @@ class Agent:
         registrar: Registrar,
         metrics: Metrics,
         notifier: Notifier,
-        listen: socket.socket | None = None,
+        endpoint: EndpointServer | None = None,
     ) -> None:
         """Everything concrete is built at the process edge (runner.build_agent) and handed in."""
         self.config = config
@@ -287,9 +286,9 @@ class Agent:
         self._group: asyncio.TaskGroup | None = None
         self._extra_loops: list[asyncio.Task[None]] = []  # check loops of services a reload added
         self._notifier = notifier
-        self._endpoint = (
-            EndpointServer(listen, self.metrics.registry, self.health_report) if listen is not None else None
-        )
+        self._endpoint = endpoint
+        if endpoint is not None:
+            endpoint.health = self.health_report  # /healthz answers what this agent knows
 
     def _service(self, svc: ServiceConfig) -> ServiceAgent:
         return ServiceAgent(svc, self.metrics.for_service(svc.service, svc.key), self.registrar, self._wake)

@@ -56,15 +56,10 @@ def health_report(*, alive: bool, age: float | None, details: dict[str, Any]) ->
 
 
 class EndpointServer:
-    def __init__(
-        self,
-        sock: socket.socket,
-        registry: CollectorRegistry,
-        health: Callable[[], tuple[int, dict[str, Any]]],
-    ) -> None:
+    def __init__(self, sock: socket.socket, registry: CollectorRegistry) -> None:
         self._sock = sock
         self._registry = registry
-        self._health = health
+        self.health: Callable[[], tuple[int, dict[str, Any]]] = _no_agent
         self._open = 0
         self.refused = 0  # connections closed at once because MAX_CONNECTIONS were open
         self._tokens = RENDER_RATE
@@ -134,12 +129,16 @@ class EndpointServer:
         if route == "/metrics":
             return 200, CONTENT_TYPE_LATEST, self._metrics()
         if route == "/healthz":
-            status, body = self._health()
+            status, body = self.health()
             return status, "application/json", json.dumps(body).encode() + b"\n"
         return 404, "text/plain", b"not found: try /metrics or /healthz\n"
 
 
 _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+
+
+def _no_agent() -> tuple[int, dict[str, Any]]:
+    return 503, {"status": "starting"}
 
 
 def _abort(writer: asyncio.StreamWriter) -> None:

@@ -23,7 +23,7 @@ import structlog
 from announcer.agent import Agent
 from announcer.checks import CheckResult, run_round
 from announcer.errors import ConfigError
-from announcer.http import bind
+from announcer.http import EndpointServer, bind
 from announcer.metrics import Metrics
 from announcer.notify import Notifier
 from announcer.registrar.etcd import EtcdRegistrar
@@ -64,9 +64,10 @@ async def build_agent(
 ) -> AsyncIterator[Agent]:
     """The edge: every concrete part built here and handed to the agent; the client closed after."""
     client = EtcdClient(config.etcd, observe=metrics.observe_etcd)
+    endpoint = EndpointServer(listen, metrics.registry) if listen is not None else None
     try:
         registrar = EtcdRegistrar(client, config.ttl)
-        yield Agent(config, registrar=registrar, metrics=metrics, notifier=notifier, listen=listen)
+        yield Agent(config, registrar=registrar, metrics=metrics, notifier=notifier, endpoint=endpoint)
     finally:
         await client.aclose()
 

@@ -28,3 +28,22 @@ def test_the_first_screen_has_the_two_commands_and_the_install() -> None:
     assert "./test.sh" in first_screen
     assert "pip install 'etcd-announcer[all]'" in first_screen
     assert "shared/" not in (ROOT / "README.md").read_text()
+
+
+def test_the_reference_table_shows_the_defaults_the_code_has() -> None:
+    # Each default is written once, in announcer.settings; the table must agree with it.
+    from announcer.settings import Config, ServiceConfig, default
+
+    rows = {
+        line.split("`")[1].split()[0]: line.rstrip(" |").rsplit("|", 1)[1].strip()
+        for line in (ROOT / "docs" / "reference.md").read_text().splitlines()
+        if line.startswith("| `--")
+    }
+    for flag, cls, name in [
+        ("--interval", ServiceConfig, "interval"), ("--timeout", ServiceConfig, "timeout"),
+        ("--ttl", Config, "ttl"), ("--shutdown-timeout", Config, "shutdown_timeout"),
+        ("--drain", ServiceConfig, "drain"), ("--log-format", Config, "log_format"),
+    ]:  # fmt: skip
+        value = default(cls, name)
+        assert rows[flag] == (f"{value:g}" if isinstance(value, float) else str(value)), flag
+    assert rows["--rise"] == f"{default(ServiceConfig, 'rise')} / {default(ServiceConfig, 'fall')}"

@@ -206,3 +206,22 @@ async def test_remove_stale_is_guarded_on_the_revision(etcd_any: EtcdServer, cli
     await registrar.announce(KEY, RECORD)
     assert await registrar.remove_stale(KEY) is None
     assert etcd_any.get(KEY)["lease"] == registrar.lease  # type: ignore[index]
+
+
+async def test_many_records_are_read_and_withdrawn_in_batches(
+    etcd_any: EtcdServer, client: EtcdClient
+) -> None:
+    # etcd refuses a transaction of more than 128 operations (--max-txn-ops): a host with more
+    # services than that is read and withdrawn in several requests, never refused.
+    registrar = EtcdRegistrar(client, ttl=10)
+    keys = [f"/services/many/127.0.0.1:{port}" for port in range(20000, 20150)]
+    for key in keys:
+        await registrar.announce(key, Record("node-1", "127.0.0.1", int(key.rsplit(":", 1)[1])))
+    etcd_any.delete(keys[149])
+    refreshed = await registrar.refresh()
+    assert refreshed.restored == (keys[149],)  # the 150 keys were all looked at
+    assert all(registrar.holds(key, 0.0) for key in keys)
+    closed = await registrar.close()
+    assert sorted(closed.withdrawn) == sorted(keys)
+    assert closed.revoked
+    assert all(etcd_any.get(key) is None for key in keys[::25])

@@ -192,9 +192,13 @@ class EtcdRegistrar:
         return tuple(restored)
 
     async def _holders(self, keys: list[str]) -> dict[str, int]:
-        """The lease holding each key that exists, in one request."""
-        found = await self.client.get_many(keys, keys_only=True)
-        return {key: kv.lease for key, kv in zip(keys, found, strict=True) if kv is not None}
+        """The lease holding each key that exists: one request per TXN_BATCH keys."""
+        held: dict[str, int] = {}
+        for start in range(0, len(keys), TXN_BATCH):
+            batch = keys[start : start + TXN_BATCH]
+            found = await self.client.get_many(batch, keys_only=True)
+            held.update({key: kv.lease for key, kv in zip(batch, found, strict=True) if kv is not None})
+        return held
 
     async def _ensure_lease(self) -> int:
         if self.lease is None:
