@@ -14,6 +14,7 @@ import pytest
 import trustme
 
 from announcer.checks import build_check, run_check, run_round
+from announcer.checks.http import BODY_LIMIT
 from announcer.errors import ConfigError
 from tests.servers import HttpService, SilentListener, free_port
 
@@ -207,3 +208,65 @@ async def test_cancelled_round_propagates() -> None:
             await task
     finally:
         silent.close()
+
+
+class KeepAliveServer:
+    """An HTTP/1.1 server that would keep connections open, and counts the ones it accepts."""
+
+    def __init__(self, body: bytes = b"ok", content_type: str = "text/plain") -> None:
+        self.accepted = 0
+        self.requests: list[bytes] = []
+        answer = (
+            f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+            "Connection: keep-alive\r\n\r\n"
+        ).encode() + body
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.accepted += 1
+            try:
+                while head := await reader.readuntil(b"\r\n\r\n"):
+                    self.requests.append(head)
+                    writer.write(answer)
+                    await writer.drain()
+            except (asyncio.IncompleteReadError, ConnectionError):
+                writer.close()
+
+        self._serve = serve
+
+    async def __aenter__(self) -> KeepAliveServer:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *args: object) -> None:
+        self.server.close()
+
+
+async def test_every_probe_opens_a_new_connection() -> None:
+    # A kept-alive connection could hide a listener that no longer accepts: never reuse one.
+    async with KeepAliveServer() as server:
+        check = build_check(f"http://127.0.0.1:{server.port}/health?x=1", {"headers": {"X-Probe": "1"}})
+        for _ in range(20):
+            result = await run_check(check, 2.0)
+            assert (result.ok, result.detail) == (True, "HTTP 200")
+        assert server.accepted == 20
+        first = server.requests[0].decode()
+        assert first.startswith("GET /health?x=1 HTTP/1.1\r\n")
+        assert f"host: 127.0.0.1:{server.port}" in first.lower()
+        assert "connection: close" in first.lower()
+        assert "x-probe: 1" in first.lower()
+
+
+async def test_the_body_is_decoded_by_its_charset_and_read_only_so_far() -> None:
+    async with KeepAliveServer("état: prêt".encode("latin-1"), "text/plain; charset=ISO-8859-1") as server:
+        result = await run_check(build_check(f"http://127.0.0.1:{server.port}/", {"body": "prêt"}), 2.0)
+        assert (result.ok, result.detail) == (True, "HTTP 200, body matches")
+    async with KeepAliveServer(b"x" * (BODY_LIMIT + 10) + b"needle") as server:
+        result = await run_check(build_check(f"http://127.0.0.1:{server.port}/", {"body": "needle"}), 2.0)
+        assert not result.ok  # past the first 64 KiB: never read
+
+
+async def test_not_http_is_a_clear_failure(echo_server: int) -> None:
+    result = await run_check(build_check(f"http://127.0.0.1:{echo_server}/"), 1.0)
+    assert not result.ok
+    assert result.detail.startswith(("not an HTTP answer", "timed out"))

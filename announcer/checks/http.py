@@ -1,8 +1,18 @@
-"""HTTP(S) check: a request whose answer must have an accepted status."""
+"""HTTP(S) check: a request whose answer must have an accepted status.
+
+Each round opens a fresh connection (a check proves that a new client gets in;
+no kept-alive connection may hide a dead listener), speaks HTTP/1.1 through h11
+(the protocol state machine httpx itself is built on) over asyncio streams, and
+closes it. Measured (docs/performance.md): about half the CPU per probe of a new
+httpx client each round, and within 1.5x of a bare asyncio prober.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import codecs
+import contextlib
 import re
 import ssl
 from collections.abc import Mapping
@@ -11,8 +21,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
+import h11
 import httpx
 
+from announcer import __version__
 from announcer.checks import CheckResult, time_left
 from announcer.checks._options import Options, tls_files
 from announcer.checks._url import UrlCheck, split_url
@@ -116,19 +128,59 @@ class HttpCheck(UrlCheck):
     def _accepted(self, status: int) -> bool:
         return any(low <= status <= high for low, high in self.statuses)
 
+    @cached_property
+    def _request(self) -> tuple[str, int, str | None, h11.Request]:
+        """Where to connect (host, port, TLS server name) and the request, built once."""
+        url = httpx.URL(self.url)
+        host = url.host
+        tls = url.scheme == "https"
+        port = url.port or (443 if tls else 80)
+        default_port = port == (443 if tls else 80)
+        authority = (f"[{host}]" if ":" in host else host) + ("" if default_port else f":{port}")
+        headers = {"host": authority, "user-agent": f"announcer/{__version__}", "accept": "*/*"}
+        if url.username or url.password:
+            token = base64.b64encode(f"{url.username}:{url.password}".encode()).decode()
+            headers["authorization"] = f"Basic {token}"
+        headers.update({name.lower(): value for name, value in self.headers.items()})
+        headers["connection"] = "close"  # one request per connection, every round
+        if self.method in ("POST", "PUT", "PATCH"):
+            headers.setdefault("content-length", "0")
+        target = url.raw_path.decode("ascii") or "/"
+        request = h11.Request(method=self.method, target=target, headers=list(headers.items()))
+        return host, port, (host if tls else None), request
+
     async def __call__(self) -> CheckResult:
-        # A client per round: every round opens a fresh connection (proving a new client
-        # gets in), and leaving the block closes it even when the time limit cancels us.
-        async with (
-            httpx.AsyncClient(verify=self._verify, trust_env=False) as client,
-            client.stream(self.method, self.url, headers=dict(self.headers)) as response,
-        ):
-            status = response.status_code
-            if not self._accepted(status):
-                return CheckResult(False, f"HTTP {status}")
-            if self.body is None and self.body_regex is None:
-                return CheckResult(True, f"HTTP {status}")
-            text = (await _read_limited(response)).decode(response.encoding or "utf-8", "replace")
+        host, port, server_name, request = self._request
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=self._verify if server_name else None, server_hostname=server_name
+        )
+        try:
+            return await self._exchange(h11.Connection(h11.CLIENT), request, reader, writer)
+        except h11.ProtocolError as exc:
+            return CheckResult(False, f"not an HTTP answer: {exc}")
+        finally:
+            # Closed on every path, the time limit's cancellation included.
+            writer.close()
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                await writer.wait_closed()
+
+    async def _exchange(
+        self,
+        conn: h11.Connection,
+        request: h11.Request,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> CheckResult:
+        writer.write(conn.send(request) + conn.send(h11.EndOfMessage()))
+        await writer.drain()
+        response = await _next(conn, reader, h11.Response)
+        assert isinstance(response, h11.Response)
+        status = response.status_code
+        if not self._accepted(status):
+            return CheckResult(False, f"HTTP {status}")
+        if self.body is None and self.body_regex is None:
+            return CheckResult(True, f"HTTP {status}")
+        text = (await _read_body(conn, reader)).decode(_charset(response), "replace")
         if self.body is not None and self.body not in text:
             return CheckResult(False, f"HTTP {status}, body lacks {self.body!r}")
         if self.body_regex is not None and not await _search(self.body_regex, text, time_left()):
@@ -136,15 +188,43 @@ class HttpCheck(UrlCheck):
         return CheckResult(True, f"HTTP {status}, body matches")
 
 
-async def _read_limited(response: httpx.Response) -> bytes:
+async def _next(conn: h11.Connection, reader: asyncio.StreamReader, wanted: type) -> object:
+    """The next h11 event of the wanted kind (interim 1xx answers are skipped)."""
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await reader.read(65536))
+        elif isinstance(event, h11.ConnectionClosed):
+            raise h11.RemoteProtocolError("the server closed the connection before answering")
+        elif isinstance(event, wanted):
+            return event
+
+
+async def _read_body(conn: h11.Connection, reader: asyncio.StreamReader) -> bytes:
+    """The body's first BODY_LIMIT bytes; the rest is never read."""
     chunks: list[bytes] = []
     size = 0
-    async for chunk in response.aiter_bytes():
-        chunks.append(chunk)
-        size += len(chunk)
-        if size >= BODY_LIMIT:
+    while size < BODY_LIMIT:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await reader.read(65536))
+        elif isinstance(event, h11.Data):
+            chunks.append(bytes(event.data))
+            size += len(event.data)
+        elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
             break
     return b"".join(chunks)[:BODY_LIMIT]
+
+
+def _charset(response: h11.Response) -> str:
+    for name, value in response.headers:
+        if name == b"content-type":
+            for part in value.decode("latin-1").split(";")[1:]:
+                key, _, charset = part.strip().partition("=")
+                if key.lower() == "charset" and charset:
+                    with contextlib.suppress(LookupError):
+                        return codecs.lookup(charset.strip('"')).name
+    return "utf-8"
 
 
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
