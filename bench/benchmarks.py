@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import random
 import signal
+import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import (
+    ROOT,
     Etcd,
     HttpService,
     announcer_key,
     b64,
     etcd_and_service,
+    free_port,
     loop_env,
     loop_stop_command,
     proc_stat,
@@ -536,6 +540,50 @@ def host(mode: Mode) -> Rows:
     return rows
 
 
+def extras(mode: Mode) -> Rows:
+    """What each check kind's driver costs: `announcer check` of a closed port, start-up and peak RSS."""
+    trials = 3 if mode.quick else 10
+    port = free_port()  # nothing listens: each check fails at once, so only imports and start-up count
+    kinds = {
+        "tcp (no extra)": f"tcp://127.0.0.1:{port}",
+        "http (no extra)": f"http://127.0.0.1:{port}/",
+        "postgres": f"postgresql://u@127.0.0.1:{port}/db",
+        "mysql": f"mysql://u@127.0.0.1:{port}/db",
+        "redis": f"redis://127.0.0.1:{port}/0",
+        "grpc": f"grpc://127.0.0.1:{port}",
+    }
+    rows: Rows = []
+    for kind, spec in kinds.items():
+        seconds, peaks = [], []
+        for _ in range(trials):
+            started = time.monotonic()
+            done = subprocess.run(
+                [sys.executable, "-c", _MEASURE, "check", "--service", "x", "--port", str(port), "--ip", "127.0.0.1",
+                 "--check", spec], capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
+            )  # fmt: skip
+            seconds.append(time.monotonic() - started)
+            peaks.append(int(done.stderr.strip().rsplit(" ", 1)[-1]) / 1024)
+        rows.append({"check kind": kind, "start-up to verdict, median s": summary(seconds)["median"],
+                     "peak RSS MB": statistics.median(peaks)})  # fmt: skip
+    base = rows[0]
+    for row in rows:
+        row["RSS over tcp MB"] = row["peak RSS MB"] - base["peak RSS MB"]
+        row["start-up over tcp s"] = (
+            row["start-up to verdict, median s"] - base["start-up to verdict, median s"]
+        )
+    return rows
+
+
+# Runs the CLI in this interpreter, then reports its peak RSS (kB) on stderr.
+_MEASURE = (
+    "import resource, sys\n"
+    "from announcer.cli import main\n"
+    "sys.argv = ['announcer', *sys.argv[1:]]\n"
+    "try:\n    main()\nexcept SystemExit:\n    pass\n"
+    "sys.stderr.write(f'peak {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}')\n"
+)
+
+
 BENCHMARKS: dict[str, Callable[[Mode], Rows]] = {
     "detection": detection,
     "noise": noise,
@@ -545,6 +593,7 @@ BENCHMARKS: dict[str, Callable[[Mode], Rows]] = {
     "scale": scale,
     "lifecycle": lifecycle,
     "host": host,
+    "extras": extras,
 }
 
 

@@ -23,6 +23,7 @@ EXPECTED_ROWS = {
     "scale": 2,
     "lifecycle": 5,
     "host": 3,
+    "extras": 6,
 }
 
 
