@@ -23,9 +23,9 @@ def tls_context(ca_file: Path | None, *, verify: bool = True, check_hostname: bo
     return context
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TlsFiles:
-    """The TLS options the HTTPS and gRPC checks share."""
+    """The TLS options the HTTPS and gRPC checks share (both inherit these fields)."""
 
     verify: bool = True
     ca_file: Path | None = None

@@ -16,7 +16,6 @@ import asyncio
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Self
 from urllib.parse import unquote
 
@@ -25,7 +24,7 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from announcer.checks import CheckResult, time_left
-from announcer.checks._options import Options, tls_files
+from announcer.checks._options import Options, TlsFiles, tls_files
 from announcer.checks._url import split_url
 from announcer.errors import ConfigError
 
@@ -40,15 +39,11 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 
 
 @dataclass(frozen=True, kw_only=True)
-class GrpcCheck:
+class GrpcCheck(TlsFiles):
     host: str
     port: int
     service: str = ""
     tls: bool = False
-    verify: bool = True
-    ca_file: Path | None = None
-    client_cert: Path | None = None
-    client_key: Path | None = None
 
     @classmethod
     def from_spec(cls, spec: str, options: Mapping[str, Any]) -> Self:

@@ -18,7 +18,6 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
 import h11
@@ -26,7 +25,7 @@ import httpx
 
 from announcer import __version__
 from announcer.checks import CheckResult, time_left
-from announcer.checks._options import Options, tls_files
+from announcer.checks._options import Options, TlsFiles, tls_files
 from announcer.checks._url import UrlCheck, split_url
 from announcer.errors import ConfigError
 from announcer.redact import redact_url
@@ -67,16 +66,12 @@ def _status_range(item: Any) -> tuple[int, int]:
 
 
 @dataclass(frozen=True, kw_only=True)
-class HttpCheck(UrlCheck):
+class HttpCheck(UrlCheck, TlsFiles):
     method: str = "GET"
     headers: Mapping[str, str] = field(default_factory=dict)
     statuses: tuple[tuple[int, int], ...] = ((100, 399),)
     body: str | None = None
     body_regex: regex.Pattern[str] | None = None
-    verify: bool = True
-    ca_file: Path | None = None
-    client_cert: Path | None = None
-    client_key: Path | None = None
 
     @classmethod
     def from_spec(cls, spec: str, options: Mapping[str, Any]) -> Self:
