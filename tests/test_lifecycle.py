@@ -59,7 +59,11 @@ async def test_a_failing_agent_leaves_a_live_successor_alone_after_its_verdict(
     key = KEY_OF.format(port=http_service.port)
     http_service.status = 503
     async with running(agent_config(etcd.url, http_service.port)) as agent:
-        await eventually(lambda: agent.status.health is Health.FAILING, what="failing verdict")
+        service = agent.services[0]
+        # the verdict, and the look for a stale record it asks for, both done
+        await eventually(
+            lambda: agent.status.health is Health.FAILING and not service.stale_check, what="verdict acted on"
+        )
         rounds = agent.status.rounds
         successor = etcd.grant(30)
         etcd.put(key, '{"host":"successor"}', successor)
@@ -139,7 +143,11 @@ async def test_maintenance_file_withdraws_and_its_removal_restores(
             assert agent.status.health is Health.PASSING  # it keeps checking
             assert agent.health_report()[1]["maintenance"] is True
             assert sample(agent, "announcer_maintenance") == 1
-            assert sample(agent, "announcer_withdrawals_total", reason="maintenance") == 1
+            # etcd answered before the agent's loop counted it: wait for the count itself
+            await eventually(
+                lambda: sample(agent, "announcer_withdrawals_total", reason="maintenance") == 1,
+                what="counted",
+            )
             rounds = agent.status.rounds
             await eventually(lambda: agent.status.rounds >= rounds + 3, what="checks go on")
             flag.unlink()
