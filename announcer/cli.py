@@ -115,7 +115,8 @@ def main_command(
         "maintenance_file": maintenance_file, "flap_limit": flap_limit, "metrics_address": metrics_address,
         "log_format": log_format, "log_level": log_level, "config": config,
     }  # fmt: skip
-    # Imported here so that --help and --version stay fast.
+    # Imported here so that --help and --version stay fast. announcer.config does not reach
+    # structlog, so announcer.log is the one that first loads it, without rich (see there).
     from announcer.config import load_config
     from announcer.log import configure_logging
     from announcer.runner import run_agent, run_check_once
