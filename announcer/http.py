@@ -21,11 +21,12 @@ import json
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
-
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from typing import TYPE_CHECKING, Any
 
 from announcer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 REQUEST_LIMIT = 8192  # bytes of request head we read at most
 REQUEST_TIMEOUT = 2.0  # for the whole head to arrive, and again for the answer to be taken
@@ -113,6 +114,8 @@ class EndpointServer:
                 await writer.drain()
 
     def _metrics(self) -> bytes:
+        from prometheus_client import generate_latest  # noqa: PLC0415 - metrics on: imported already
+
         now = time.monotonic()
         self._tokens = min(RENDER_RATE, self._tokens + (now - self._filled_at) * RENDER_RATE)
         self._filled_at = now
@@ -123,6 +126,8 @@ class EndpointServer:
         return self._last_render
 
     def _route(self, method: str, path: str) -> tuple[int, str, bytes]:
+        from prometheus_client import CONTENT_TYPE_LATEST  # noqa: PLC0415 - as in _metrics
+
         if method not in ("GET", "HEAD"):
             return 405, "text/plain", b"method not allowed\n"
         route = path.split("?", 1)[0]

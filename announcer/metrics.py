@@ -3,27 +3,22 @@
 Labels carry only bounded values: the configured services (``service``, ``key``),
 configured check names (secrets masked), etcd operation names, outcomes and
 reasons from fixed sets. Cardinality follows the configuration, never traffic.
+
+Without ``--metrics-address`` nothing would ever read them, so ``Metrics(enabled=False)``
+hands out one do-nothing family for all of them and prometheus_client is never
+imported (it costs about 1 MB and 25 ms of start-up; tests/test_lean.py keeps it so).
 """
 
 from __future__ import annotations
 
-import platform
 import time
 from dataclasses import dataclass
-from typing import Any
-
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    Info,
-    PlatformCollector,
-    ProcessCollector,
-)
-from prometheus_client.gc_collector import GCCollector
+from typing import TYPE_CHECKING, Any
 
 from announcer import __version__
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 CHECK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 WITHDRAW_REASONS = ("check_failure", "maintenance", "reload", "shutdown", "lease_lost")
@@ -61,84 +56,127 @@ class ServiceMetrics:
         self.stale_removed = metrics.stale_removed.labels(*ids)
 
 
+class _Off:
+    """Every metric family and child at once, doing nothing: metrics nobody can scrape."""
+
+    def labels(self, *values: str) -> _Off:
+        return self
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def set(self, value: float) -> None:
+        pass
+
+    def observe(self, value: float) -> None:
+        pass
+
+    def set_function(self, function: Any) -> None:
+        pass
+
+    def info(self, value: dict[str, str]) -> None:
+        pass
+
+
+OFF = _Off()
+
+
+class _Families:
+    """Makes prometheus_client families on one registry, or OFF for all of them."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.registry = registry
+
+    def __getattr__(self, kind: str) -> Any:
+        if self.registry is None:
+            return lambda *args, **kwargs: OFF
+        import prometheus_client  # noqa: PLC0415 - only when metrics are served
+
+        family = getattr(prometheus_client, kind)
+        return lambda *args, **kwargs: family(*args, registry=self.registry, **kwargs)
+
+
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = True) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry()
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, process: bool = True, enabled: bool = True
+    ) -> None:
+        if enabled and registry is None:
+            from prometheus_client import CollectorRegistry  # noqa: PLC0415
+
+            registry = CollectorRegistry()
+        self.registry: CollectorRegistry | None = registry if enabled else None
         r = self.registry
-        if process:
+        new = _Families(r)
+        if process and r is not None:
+            from prometheus_client import PlatformCollector, ProcessCollector  # noqa: PLC0415
+            from prometheus_client.gc_collector import GCCollector  # noqa: PLC0415
+
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
             GCCollector(registry=r)
-        Info("announcer_build", "announcer build information", registry=r).info(
-            {"version": __version__, "python_version": platform.python_version()}
+        if r is not None:
+            import platform  # noqa: PLC0415
+
+            new.Info("announcer_build", "announcer build information").info(
+                {"version": __version__, "python_version": platform.python_version()}
+            )
+        self.check_runs = new.Counter(
+            "announcer_check_runs", "Check runs by check and result", [*SERVICE, "check", "result"]
         )
-        self.check_runs = Counter(
-            "announcer_check_runs",
-            "Check runs by check and result",
-            [*SERVICE, "check", "result"],
-            registry=r,
-        )
-        self.check_duration = Histogram(
+        self.check_duration = new.Histogram(
             "announcer_check_duration_seconds", "Time one check took", [*SERVICE, "check"],
-            buckets=CHECK_BUCKETS, registry=r,
+            buckets=CHECK_BUCKETS
         )  # fmt: skip
-        self.check_round_overruns = Counter(
-            "announcer_check_round_overruns", "Check rounds that started late", SERVICE, registry=r
+        self.check_round_overruns = new.Counter(
+            "announcer_check_round_overruns", "Check rounds that started late", SERVICE
         )
-        self.healthy = Gauge(
-            "announcer_service_healthy", "1 while the service passes its checks", SERVICE, registry=r
+        self.healthy = new.Gauge(
+            "announcer_service_healthy", "1 while the service passes its checks", SERVICE
         )
-        self.registered = Gauge(
+        self.registered = new.Gauge(
             "announcer_registered",
             "1 while etcd holds the record on a live lease, as far as the agent can know",
             SERVICE,
-            registry=r,
         )
-        self.announcements = Counter(
-            "announcer_announcements", "Times the record was put into etcd", SERVICE, registry=r
+        self.announcements = new.Counter(
+            "announcer_announcements", "Times the record was put into etcd", SERVICE
         )
-        self.withdrawals = Counter(
-            "announcer_withdrawals", "Times the record left etcd, by reason", [*SERVICE, "reason"], registry=r
+        self.withdrawals = new.Counter(
+            "announcer_withdrawals", "Times the record left etcd, by reason", [*SERVICE, "reason"]
         )
-        self.maintenance = Gauge(
-            "announcer_maintenance",
-            "1 while the maintenance file exists (record withdrawn)",
-            SERVICE,
-            registry=r,
+        self.maintenance = new.Gauge(
+            "announcer_maintenance", "1 while the maintenance file exists (record withdrawn)", SERVICE
         )
-        self.flap_damped = Gauge(
-            "announcer_flap_damped", "1 while flap damping holds the record back", SERVICE, registry=r
+        self.flap_damped = new.Gauge(
+            "announcer_flap_damped", "1 while flap damping holds the record back", SERVICE
         )
-        self.flap_suppressed = Counter(
-            "announcer_flap_suppressed", "Times flap damping held an announcement back", SERVICE, registry=r
+        self.flap_suppressed = new.Counter(
+            "announcer_flap_suppressed", "Times flap damping held an announcement back", SERVICE
         )
-        self.stale_removed = Counter(
+        self.stale_removed = new.Counter(
             "announcer_stale_records_removed", "Records left on another lease removed on a failing verdict",
-            SERVICE, registry=r,
+            SERVICE
         )  # fmt: skip
-        self.reloads = Counter(
-            "announcer_reloads", "Configuration reloads (SIGHUP) by result", ["result"], registry=r
+        self.reloads = new.Counter(
+            "announcer_reloads", "Configuration reloads (SIGHUP) by result", ["result"]
         )
         for result in ("applied", "rejected"):
             self.reloads.labels(result)
-        self.etcd_requests = Counter(
+        self.etcd_requests = new.Counter(
             "announcer_etcd_requests", "etcd requests by operation and outcome",
-            ["operation", "outcome"], registry=r,
+            ["operation", "outcome"]
         )  # fmt: skip
-        self.etcd_duration = Histogram(
+        self.etcd_duration = new.Histogram(
             "announcer_etcd_request_duration_seconds", "etcd request time by operation",
-            ["operation"], buckets=CHECK_BUCKETS, registry=r,
+            ["operation"], buckets=CHECK_BUCKETS
         )  # fmt: skip
-        self.etcd_up = Gauge("announcer_etcd_reachable", "1 while etcd answers", registry=r)
-        self.lease_grants = Counter("announcer_lease_grants", "Leases granted", registry=r)
-        self.lease_ttl = Gauge(
-            "announcer_lease_ttl_seconds", "TTL etcd reported at the last keepalive", registry=r
-        )
+        self.etcd_up = new.Gauge("announcer_etcd_reachable", "1 while etcd answers")
+        self.lease_grants = new.Counter("announcer_lease_grants", "Leases granted")
+        self.lease_ttl = new.Gauge("announcer_lease_ttl_seconds", "TTL etcd reported at the last keepalive")
         self._last_keepalive: float | None = None
-        Gauge(
+        new.Gauge(
             "announcer_lease_keepalive_age_seconds",
             "Seconds since the last successful lease keepalive (-1: none yet)",
-            registry=r,
         ).set_function(self._keepalive_age)
 
     def for_service(self, service: str, key: str) -> ServiceMetrics:

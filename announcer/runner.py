@@ -21,13 +21,12 @@ from typing import Any
 import structlog
 
 from announcer.agent import Agent
-from announcer.checks import CheckResult, run_round
+from announcer.checks import CheckResult
+from announcer.checks.rounds import run_round
 from announcer.errors import ConfigError
 from announcer.http import EndpointServer, bind
 from announcer.metrics import Metrics
 from announcer.notify import Notifier
-from announcer.registrar.etcd import EtcdRegistrar
-from announcer.registrar.etcd_client import EtcdClient
 from announcer.settings import Config, ServiceConfig
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
@@ -63,8 +62,16 @@ async def build_agent(
     config: Config, *, metrics: Metrics, notifier: Notifier, listen: socket.socket | None = None
 ) -> AsyncIterator[Agent]:
     """The edge: every concrete part built here and handed to the agent; the client closed after."""
+    # Here, not at the top: `announcer check` needs no etcd, so it does not load httpx (5 MB).
+    from announcer.registrar.etcd import EtcdRegistrar  # noqa: PLC0415
+    from announcer.registrar.etcd_client import EtcdClient  # noqa: PLC0415
+
     client = EtcdClient(config.etcd, observe=metrics.observe_etcd)
-    endpoint = EndpointServer(listen, metrics.registry) if listen is not None else None
+    endpoint = None
+    if listen is not None:
+        if metrics.registry is None:
+            raise ValueError("a metrics endpoint needs metrics built with enabled=True")
+        endpoint = EndpointServer(listen, metrics.registry)
     try:
         registrar = EtcdRegistrar(client, config.ttl)
         yield Agent(config, registrar=registrar, metrics=metrics, notifier=notifier, endpoint=endpoint)
@@ -73,7 +80,8 @@ async def build_agent(
 
 
 async def _serve_until_signalled(config: Config, listen: socket.socket | None, reload: Loader | None) -> None:
-    metrics = Metrics()  # with the default process metrics
+    # Without an endpoint nobody can read them: no prometheus_client at all (see metrics.py).
+    metrics = Metrics(enabled=listen is not None)  # with the default process metrics
     async with build_agent(config, metrics=metrics, notifier=Notifier(), listen=listen) as agent:
         await _serve(agent, metrics, reload)
 
