@@ -14,7 +14,8 @@ import asyncpg
 import pytest
 import redis.asyncio
 
-from announcer.checks import build_check, run_check
+from announcer.checks import build_check
+from announcer.checks.rounds import run_check
 from announcer.errors import ConfigError
 from announcer.health import Health
 from tests.agent_helpers import agent_config, eventually, running

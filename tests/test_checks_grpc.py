@@ -11,7 +11,8 @@ import pytest
 import trustme
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from announcer.checks import build_check, run_check
+from announcer.checks import build_check
+from announcer.checks.rounds import run_check
 from announcer.errors import ConfigError
 from announcer.health import Health
 from tests.agent_helpers import agent_config, eventually, running

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 import trustme
 
-from announcer.checks import build_check, run_check, run_round
+from announcer.checks import build_check
 from announcer.checks.http import BODY_LIMIT
+from announcer.checks.rounds import run_check, run_round
 from announcer.errors import ConfigError
 from tests.servers import HttpService, SilentListener, free_port
 

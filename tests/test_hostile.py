@@ -23,8 +23,8 @@ import pytest
 from prometheus_client import generate_latest
 from structlog.testing import capture_logs
 
-from announcer.checks import run_check
 from announcer.checks.exec import ExecCheck
+from announcer.checks.rounds import run_check
 from announcer.health import Health
 from announcer.registrar.etcd_client import EtcdClient, EtcdSettings, EtcdUnavailable
 from tests.agent_helpers import agent_config, eventually, keepalives_go_on, running, sample

@@ -1,23 +1,20 @@
-"""Health checks: one small protocol, a lazy registry of kinds, one runner.
+"""Health checks: one small protocol and a lazy registry of kinds (the runner is in rounds.py).
 
 A check is an object with a ``name`` (safe to show: no secrets) and an
 ``async __call__() -> CheckResult``. The runner, not the check, enforces the
 time limit and turns every exception into a failed result, so a check can
-never crash or stall the agent.
+never crash or stall the agent. This module imports no asyncio, so the CLI can
+list the kinds in its help (and answer --version) without loading it.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 import importlib
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from announcer.errors import ConfigError, describe
-from announcer.redact import scrub
+from announcer.errors import ConfigError
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,35 +89,3 @@ def load_factory(scheme: str) -> CheckFactory:
 def build_check(spec: str, options: Mapping[str, Any] | None = None) -> Check:
     """Build a check from an expanded spec; bad specs raise ConfigError."""
     return load_factory(scheme_of(spec)).from_spec(spec, options or {})
-
-
-_deadline: contextvars.ContextVar[float] = contextvars.ContextVar("check_deadline")
-
-
-def time_left() -> float:
-    """Seconds left of the running check's time limit: for work a check hands to a thread."""
-    return max(0.001, _deadline.get(time.monotonic() + 1.0) - time.monotonic())
-
-
-async def run_check(check: Check, timeout: float) -> CheckResult:
-    """Run one check within ``timeout``; never raises (but for cancellation)."""
-    started = time.perf_counter()
-    _deadline.set(time.monotonic() + timeout)  # each check runs in a task of its own (gather)
-    try:
-        async with asyncio.timeout(timeout):
-            result = await check()
-    except TimeoutError:
-        return CheckResult(False, f"timed out after {timeout:g}s", time.perf_counter() - started)
-    except Exception as exc:  # noqa: BLE001 - any failure of a check is a failed check
-        detail = describe(exc)
-        ok = False
-    else:
-        ok, detail = result.ok, result.detail
-    # A check may name the secrets it holds; none of them may reach a detail.
-    detail = scrub(detail, getattr(check, "secrets", ()))
-    return CheckResult(ok, detail, time.perf_counter() - started)
-
-
-async def run_round(checks: list[Check], timeout: float) -> list[CheckResult]:
-    """Run all checks of one round concurrently."""
-    return list(await asyncio.gather(*(run_check(c, timeout) for c in checks)))

@@ -23,9 +23,10 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from announcer.checks import CheckResult, time_left
+from announcer.checks import CheckResult
 from announcer.checks._options import Options, TlsFiles, tls_files
 from announcer.checks._url import split_url
+from announcer.checks.rounds import time_left
 from announcer.errors import ConfigError
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -24,9 +24,10 @@ import h11
 import httpx
 
 from announcer import __version__
-from announcer.checks import CheckResult, time_left
+from announcer.checks import CheckResult
 from announcer.checks._options import Options, TlsFiles, tls_files
 from announcer.checks._url import UrlCheck, split_url
+from announcer.checks.rounds import time_left
 from announcer.errors import ConfigError
 from announcer.redact import redact_url
 
