@@ -144,25 +144,38 @@ class EtcdClient:
         self._current = 0
         self._token: str | None = None
         self._observe = observe
+        self._transport = transport
+        # Bad TLS files are a start-up error (exit 2), so the context is made now.
         context = settings.ssl_context()
         uses_tls = any(e.startswith("https:") for e in self._endpoints)
-        self._http = httpx.AsyncClient(
-            # The deadline of a whole request is enforced around it (see _post); this one
-            # only makes httpx give up on a phase no later than that.
-            timeout=httpx.Timeout(settings.timeout),
-            # Plain-HTTP endpoints need no CA bundle: loading one costs memory and start-up time.
-            verify=context if context is not None else uses_tls,
-            transport=transport,
-            trust_env=False,
-            headers={"Accept-Encoding": "identity"},
-        )
+        # Plain-HTTP endpoints need no CA bundle: loading one costs memory and start-up time.
+        self._verify: ssl.SSLContext | bool = context if context is not None else uses_tls
+        self._http_client: httpx.AsyncClient | None = None
+
+    @property
+    def _http(self) -> httpx.AsyncClient:
+        """Made at the first request: until the service first passes its checks, etcd is not
+        asked anything, and an httpx client's first construction loads httpcore (about 25 ms,
+        which would otherwise sit between exec and the first check round)."""
+        if self._http_client is None:
+            self._http_client = httpx.AsyncClient(
+                # The deadline of a whole request is enforced around it (see _post); this one
+                # only makes httpx give up on a phase no later than that.
+                timeout=httpx.Timeout(self._settings.timeout),
+                verify=self._verify,
+                transport=self._transport,
+                trust_env=False,
+                headers={"Accept-Encoding": "identity"},
+            )
+        return self._http_client
 
     @property
     def endpoint(self) -> str:
         return self._endpoints[self._current]
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if self._http_client is not None:
+            await self._http_client.aclose()
 
     # -- the verbs -----------------------------------------------------------
 
