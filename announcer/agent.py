@@ -26,7 +26,8 @@ from pathlib import Path
 
 import structlog
 
-from announcer.checks import CheckResult, run_round
+from announcer.checks import CheckResult
+from announcer.checks.rounds import run_round
 from announcer.errors import EtcdError, EtcdUnavailable
 from announcer.health import FlapDamper, Health, HealthState
 from announcer.http import EndpointServer, health_report
