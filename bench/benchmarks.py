@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.cost import cost, imports, launch, memory
 from bench.harness import (
     ROOT,
     Etcd,
@@ -594,6 +595,10 @@ BENCHMARKS: dict[str, Callable[[Mode], Rows]] = {
     "lifecycle": lifecycle,
     "host": host,
     "extras": extras,
+    "cost": cost,
+    "memory": memory,
+    "launch": launch,
+    "imports": imports,
 }
 
 

