@@ -20,7 +20,7 @@ from announcer.errors import ConfigError
 from announcer.health import Health
 from tests.agent_helpers import agent_config, eventually, running
 from tests.databases import TEST_PASSWORD, TEST_USER, mysql, postgres, postgres_checks_passwords, redis_server
-from tests.servers import EtcdServer, SilentListener, announcer_process, free_port, wait_until
+from tests.servers import EtcdServer, SilentListener, announcer_process, free_port, require, wait_until
 
 __all__ = ["mysql", "postgres", "postgres_checks_passwords", "redis_server"]  # fixtures
 
@@ -331,3 +331,66 @@ async def test_agent_announces_while_postgres_answers(
             assert "announcer_e2e_ready" in agent.status.results[0].detail
     finally:
         await postgres.execute("DROP TABLE IF EXISTS announcer_e2e_ready")
+
+
+# -- a new connection every round ------------------------------------------------------------
+
+
+class CountingProxy:
+    """A TCP proxy in front of a real server that counts the connections made through it."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.accepted = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> CountingProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *args: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+@pytest.mark.parametrize(
+    ("port", "template"),
+    [
+        (5432, "postgresql://postgres@127.0.0.1:{port}/postgres"),
+        (3306, "mysql://root@127.0.0.1:{port}/"),
+        (6379, "redis://127.0.0.1:{port}"),
+        (6379, "tcp://127.0.0.1:{port}"),
+    ],
+    ids=["postgres", "mysql", "redis", "tcp"],
+)
+async def test_every_round_opens_a_new_connection(port: int, template: str) -> None:
+    # A pooled or kept connection could hide a server that no longer accepts new clients.
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
+    except (OSError, TimeoutError) as exc:
+        require(f"the database server on 127.0.0.1:{port} is not reachable ({exc})")
+    writer.close()
+    async with CountingProxy(port) as proxy:
+        check = build_check(template.format(port=proxy.port), {})
+        for round_ in range(1, 11):
+            result = await run_check(check, 5)
+            assert result.ok, result.detail
+            assert proxy.accepted == round_
