@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import textwrap
@@ -344,6 +345,8 @@ class CountingProxy:
         self.accepted = 0
         self.port = 0
         self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> CountingProxy:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -353,10 +356,19 @@ class CountingProxy:
     async def __aexit__(self, *args: object) -> None:
         assert self._server is not None
         self._server.close()
+        for writer in self._writers:
+            writer.close()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._writers.append(writer)
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        self._writers.append(up_writer)
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             try:
@@ -367,6 +379,8 @@ class CountingProxy:
                 pass
             finally:
                 dst.close()
+                with contextlib.suppress(OSError):
+                    await dst.wait_closed()
 
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
