@@ -295,6 +295,19 @@ def announcer_process(*args: str, env: dict[str, str] | None = None) -> Iterator
             process.wait(10)
 
 
+def announce_then_stop(command: list[str], etcd: EtcdServer, key: str, cwd: Path | None = None) -> None:
+    """Run an agent until its record is in etcd, SIGTERM it: it exits 0 and the record is gone."""
+    with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=cwd) as process:
+        try:
+            wait_until(lambda: etcd.get(key) is not None, 30, f"announced by {Path(command[0]).name}")
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(15) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert etcd.get(key) is None
+
+
 class EtcdCluster:
     """Three etcd members on loopback forming one cluster."""
 

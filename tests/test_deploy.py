@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import EtcdServer, HttpService, announcer_process, require, wait_until
+from tests.servers import EtcdServer, HttpService, announce_then_stop, announcer_process, require, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "units"
@@ -238,19 +238,11 @@ def test_the_readme_recipe_gives_a_working_usr_bin_announcer(
     )  # fmt: skip
     assert version.stdout == f"announcer {dist.stdout.strip()}\n"
     key = f"/services/web/127.0.0.1:{http_service.port}"
-    with subprocess.Popen(
+    announce_then_stop(
         [str(program), "--service", "web", "--port", str(http_service.port), "--ip", "127.0.0.1",
          "--interval", "0.2", "--timeout", "0.1", "--etcd-endpoints", etcd.url],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
-    ) as process:  # fmt: skip
-        try:
-            wait_until(lambda: etcd.get(key) is not None, 30, "announced by the installed command")
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(15) == 0
-        finally:
-            if process.poll() is None:
-                process.kill()
-    assert etcd.get(key) is None
+        etcd, key, cwd=tmp_path,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1:0", ""])

@@ -9,12 +9,11 @@ client for `announcer check`.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.servers import EtcdServer, HttpService, free_port, wait_until
+from tests.servers import EtcdServer, HttpService, announce_then_stop, free_port
 
 # Runs announcer's CLI, then writes the names of the modules it imported to argv[1].
 _RUN = (
@@ -66,17 +65,7 @@ def _run_agent(tmp_path: Path, etcd: EtcdServer, port: int, *extra: str) -> set[
     key = f"/services/web/127.0.0.1:{port}"
     args = ["--service", "web", "--port", str(port), "--ip", "127.0.0.1", "--interval", "0.2",
             "--timeout", "0.15", "--ttl", "5", "--etcd-endpoints", etcd.url, *extra]  # fmt: skip
-    with subprocess.Popen(
-        [sys.executable, "-c", _RUN, str(out), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    ) as process:
-        try:
-            wait_until(lambda: etcd.get(key) is not None, 20, "announce")
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(15) == 0
-        finally:
-            if process.poll() is None:
-                process.kill()
-    assert etcd.get(key) is None
+    announce_then_stop([sys.executable, "-c", _RUN, str(out), *args], etcd, key)
     return _top_level(json.loads(out.read_text()))
 
 
