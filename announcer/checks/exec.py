@@ -34,6 +34,7 @@ from announcer.errors import ConfigError
 OUTPUT_LIMIT = 4096
 MARK = "ANNOUNCER_CHECK_RUN"
 PR_SET_CHILD_SUBREAPER = 36
+REAP_WITHIN = 1.0  # seconds a killed program gets to be reaped before the check gives up on it
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,10 @@ class ExecCheck:
         finally:
             # Whatever happened (exit, time limit, shutdown): no process of the run may outlive it.
             _kill_group(process.pid)
+            if process.returncode is None:  # cut short: kill it (even out of its group), reap it
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await _reaped(process)
             detail = output.close().decode(errors="replace").strip()
             if process.returncode is not None:
                 _REAPER.spawned.discard(process.pid)  # asyncio has reaped it
@@ -101,6 +106,15 @@ class ExecCheck:
             return CheckResult(True, detail or "exit status 0")
         status = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
         return CheckResult(False, f"{status}: {detail}" if detail else status)
+
+
+async def _reaped(process: asyncio.subprocess.Process) -> None:
+    """Wait (briefly) until asyncio has reaped a program we killed, so nothing of it outlives
+    the check: not the process, nor the transport asyncio holds for it until its exit is seen.
+    A second cancellation or a process stuck in the kernel ends the wait; the reaper's sweep
+    and asyncio's own watcher still collect it later."""
+    with contextlib.suppress(TimeoutError, asyncio.CancelledError, ProcessLookupError):
+        await asyncio.wait_for(asyncio.shield(process.wait()), REAP_WITHIN)
 
 
 def _kill_group(pgid: int) -> None:
