@@ -113,7 +113,7 @@ async def _reaped(process: asyncio.subprocess.Process) -> None:
     the check: not the process, nor the transport asyncio holds for it until its exit is seen.
     A second cancellation or a process stuck in the kernel ends the wait; the reaper's sweep
     and asyncio's own watcher still collect it later."""
-    with contextlib.suppress(TimeoutError, asyncio.CancelledError, ProcessLookupError):
+    with contextlib.suppress(TimeoutError, asyncio.CancelledError):
         await asyncio.wait_for(asyncio.shield(process.wait()), REAP_WITHIN)
 
 
