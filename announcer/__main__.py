@@ -1,3 +1,3 @@
-from announcer.cli import main
+from announcer.entry import main
 
 main()

@@ -1,17 +1,17 @@
-"""The agent: owns the lifecycle and turns health transitions into registrar calls.
+"""The agent: what every instance of the process shares, and the lifecycle.
 
 One process serves one service (the sidekick) or many (host mode) with the same
-code. Each service has a `ServiceAgent`: its own check loop at a fixed cadence
-(phases spread over the interval, so services never fire at once and a hanging
-check of one cannot delay another's rounds), its own rise/fall machine,
-maintenance file and flap damping, and so its own wanted record. The `Agent`
-owns what they share: one registrar and so one lease, one sync loop that makes
-etcd match what every service wants and keeps the lease alive every TTL/3 (the
-TTL etcd granted), the metrics endpoint, the watchdog and the shutdown.
+code. Each instance is a `ServiceAgent` (announcer.service): its checks, its
+verdict, the pairs it wants in etcd. The `Agent` owns what they share: one
+registrar and so one lease; the sync loop, which hands every instance's pairs to
+the registrar at once (so a reload that swaps keys is only puts) and reads the
+records back every TTL/3 to repair what went missing; the keepalive loop, on its
+own schedule whatever a long sync is doing; reload (`apply`), the metrics
+endpoint, the watchdog and the shutdown.
 
 Shutdown is an awaitable passed in: when it completes, the loops stop, every
-record is withdrawn at once, the agent stays up for the drain time, and the
-lease is revoked; the etcd work is bounded by ``shutdown_timeout``.
+record is withdrawn at once, the agent (and /healthz) stays up for the drain
+time, and the lease is revoked; the etcd work is bounded by ``shutdown_timeout``.
 """
 
 from __future__ import annotations
@@ -22,21 +22,19 @@ import random
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from pathlib import Path
 
 import structlog
 
-from announcer.checks import CheckResult
-from announcer.checks.rounds import run_round
 from announcer.errors import EtcdError, EtcdUnavailable
-from announcer.health import FlapDamper, Health, HealthState
+from announcer.health import Health
 from announcer.http import EndpointServer, health_report
-from announcer.metrics import Metrics, ServiceMetrics
+from announcer.metrics import Metrics
 from announcer.notify import Notifier
-from announcer.record import Record
 from announcer.registrar import Registrar
+from announcer.service import Event, ServiceAgent, Status
 from announcer.settings import Config, ServiceConfig
 
+__all__ = ["Agent", "Backoff", "ServiceAgent", "Status"]
 log = structlog.get_logger("announcer")
 
 
@@ -58,210 +56,11 @@ class Backoff:
         self.attempts = 0
 
 
-@dataclass
-class Status:
-    """What the agent knows of one service now; read by /healthz and by tests."""
-
-    health: Health = Health.UNKNOWN
-    etcd_reachable: bool | None = None
-    last_round: float | None = None  # monotonic time the last check round ended
-    rounds: int = 0
-    results: tuple[CheckResult, ...] = ()
-    maintenance: bool = False
-    damped: bool = False
-    draining: bool = False
-
-
-class ServiceAgent:
-    """One service: its checks, its verdict, and the record it wants in etcd."""
-
-    def __init__(
-        self, config: ServiceConfig, metrics: ServiceMetrics, registrar: Registrar, wake: asyncio.Event
-    ):
-        self.config = config
-        self.metrics = metrics
-        self.status = Status()
-        self._registrar = registrar
-        self._wake = wake
-        self._state = HealthState(config.rise, config.fall)
-        self._damper = FlapDamper(config.flap_limit)
-        self._passing_since: float | None = None  # start of the current run of passing rounds
-        self.wanted: Record | None = None  # what should be in etcd at config.key
-        self.placed: tuple[str, Record] | None = None  # what we put there (key, record)
-        self.stale_check = False  # a FAILING verdict asks to look for a crashed agent's record
-        self.retired = False  # removed by a reload: withdraw, then forget
-        self.asked = False  # this pass asked etcd something (an answer proves it reachable)
-        metrics.registered.set_function(lambda: float(self.registered))
-
-    @property
-    def registered(self) -> bool:
-        """etcd holds our record on a live lease, as far as we can know.
-
-        False once the lease may have expired (no keepalive answer for its TTL), and while
-        another lease holds the key.
-        """
-        return self.placed is not None and self._registrar.holds(self.placed[0], time.monotonic())
-
-    def details(self) -> dict[str, object]:
-        return {
-            "service": self.status.health.value, "registered": self.registered,
-            "maintenance": self.status.maintenance, "flap_damped": self.status.damped,
-            "draining": self.status.draining, "key": self.config.key,
-        }  # fmt: skip
-
-    def loop_alive(self, now: float) -> bool:
-        last = self.status.last_round
-        return last is not None and now - last <= 3 * self.config.interval + self.config.timeout
-
-    def apply(self, config: ServiceConfig) -> bool:
-        """A reloaded configuration, from the next round on; True when the checks stayed the same."""
-        same_checks = config.same_checks(self.config)
-        self.config = config
-        if same_checks:
-            self._state = self._state.retuned(config.rise, config.fall)
-        else:  # new checks: the verdict stands until they give one of their own
-            self._state = HealthState(config.rise, config.fall, status=self._state.status)
-        self._damper.limit = config.flap_limit
-        if self.wanted is not None:
-            self.wanted = config.record
-        self.update_wanted()
-        self._wake.set()
-        return same_checks
-
-    # -- checks ---------------------------------------------------------------
-
-    async def check_loop(self, phase: float) -> None:
-        loop = asyncio.get_running_loop()
-        next_run = loop.time() + phase
-        await asyncio.sleep(phase)
-        while not self.retired:
-            cfg = self.config  # a reload takes effect at the next round
-            results = await run_round(list(cfg.checks), cfg.timeout)
-            if self.retired:
-                return
-            self.observe(cfg, results)
-            next_run += cfg.interval
-            now = loop.time()
-            if now > next_run:  # fixed cadence: skip missed slots, count them, never drift
-                missed = int((now - next_run) // cfg.interval) + 1
-                self.metrics.check_round_overruns.inc(missed)
-                next_run += missed * cfg.interval
-            await asyncio.sleep(next_run - now)
-
-    def observe(self, cfg: ServiceConfig, results: list[CheckResult]) -> None:
-        for check, result in zip(cfg.checks, results, strict=True):
-            self.metrics.check_runs.labels(check.name, "pass" if result.ok else "fail").inc()
-            self.metrics.check_duration.labels(check.name).observe(result.duration)
-            log.debug("check", key=cfg.key, check=check.name, ok=result.ok, detail=result.detail)
-        now = time.monotonic()
-        self.status.results = tuple(results)
-        self.status.rounds += 1
-        self.status.last_round = now
-        ok = all(r.ok for r in results)
-        if not ok:
-            self._passing_since = None
-        elif self._passing_since is None:
-            self._passing_since = now
-        self._state, transition = self._state.observe(ok)
-        if transition is not None:
-            self.status.health = transition
-            self.metrics.healthy.set(transition is Health.PASSING)
-            if transition is Health.PASSING:
-                log.info("service healthy", key=cfg.key, rise=cfg.rise)
-            else:
-                failing = {c.name: r.detail for c, r in zip(cfg.checks, results, strict=True) if not r.ok}
-                log.warning("service unhealthy", key=cfg.key, fall=cfg.fall, failing=failing)
-                self.stale_check = True
-        self.update_wanted(now)
-
-    def update_wanted(self, now: float | None = None) -> None:
-        """Decide what etcd should hold, from the verdict, the maintenance file and damping."""
-        now = time.monotonic() if now is None else now
-        cfg = self.config
-        maintenance = cfg.maintenance_file is not None and Path(cfg.maintenance_file).exists()
-        if maintenance != self.status.maintenance:
-            self.status.maintenance = maintenance
-            self.metrics.maintenance.set(maintenance)
-            if maintenance:
-                log.warning(
-                    "maintenance: withdrawing while the file exists", key=cfg.key, file=cfg.maintenance_file
-                )
-            else:
-                log.info("maintenance over", key=cfg.key, file=cfg.maintenance_file)
-        want = self.status.health is Health.PASSING and not maintenance and not self.retired
-        if want and self.wanted is None and not self._may_announce(now):
-            return
-        new = cfg.record if want else None
-        if new != self.wanted or self.stale_check:
-            self.wanted = new
-            self._wake.set()
-
-    def _may_announce(self, now: float) -> bool:
-        since = self._passing_since if self._passing_since is not None else now
-        if self._damper.may_announce(now, since):
-            if self.status.damped:
-                self.status.damped = False
-                self.metrics.flap_damped.set(0)
-                log.info(
-                    "flapping over: announcing", key=self.config.key, flap_limit=str(self.config.flap_limit)
-                )
-            return True
-        if not self.status.damped:
-            self.status.damped = True
-            self.metrics.flap_damped.set(1)
-            self.metrics.flap_suppressed.inc()
-            log.warning(
-                "flapping: holding the record back until the checks pass for a whole window",
-                key=self.config.key, flap_limit=str(self.config.flap_limit),
-            )  # fmt: skip
-        return False
-
-    # -- etcd -----------------------------------------------------------------
-
-    async def reconcile(self) -> str | None:
-        """Make etcd match what this service wants; what happened, for STATUS=, or None."""
-        key, wanted, placed = self.config.key, self.wanted, self.placed
-        event = None
-        if (wanted is not None and placed != (key, wanted)) or (wanted is None and placed is not None):
-            self.asked = True
-        if wanted is None and self.stale_check:
-            self.asked = True
-        if wanted is not None and placed != (key, wanted):
-            if placed is not None and placed[0] != key:
-                await self._registrar.move(placed[0], key, wanted)
-                log.info("record moved to a new key", old_key=placed[0], key=key, record=wanted.to_json())
-            else:
-                wrote = await self._registrar.announce(key, wanted)
-                if placed is not None:
-                    log.info("record updated", key=key, record=wanted.to_json(), written=wrote)
-                else:
-                    log.info("announced", key=key, record=wanted.to_json(), written=wrote)
-                    self.metrics.announcements.inc()
-            self.placed = (key, wanted)
-            event = "announced"
-        elif wanted is None and placed is not None:
-            await self._registrar.withdraw(placed[0])
-            self.placed = None
-            reason = (
-                "maintenance" if self.status.maintenance else "reload" if self.retired else "check_failure"
-            )
-            self.metrics.withdrawals.labels(reason).inc()
-            log.info("withdrawn", key=placed[0], reason=reason)
-            event = "withdrawn"
-        if wanted is None and self.stale_check:
-            await self._remove_stale(key)
-        return event
-
-    async def _remove_stale(self, key: str) -> None:
-        """Our checks say FAILING: a record on another lease (a crashed agent's) must go too."""
-        if self.status.health is not Health.FAILING:
-            self.stale_check = False
-            return
-        foreign = await self._registrar.remove_stale(key)
-        self.stale_check = False
-        if foreign is not None:
-            self.metrics.stale_removed.inc()
-            log.warning("removed a stale record left on another lease", key=key, foreign_lease=foreign)
+async def _wait(event: asyncio.Event, delay: float | None) -> None:
+    """Until ``event`` is set or ``delay`` seconds have passed (None: no limit)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(delay):
+            await event.wait()
 
 
 class Agent:
@@ -269,7 +68,7 @@ class Agent:
         self,
         config: Config,
         *,
-        registrar: Registrar,
+        registrar: Registrar[ServiceAgent],
         metrics: Metrics,
         notifier: Notifier,
         endpoint: EndpointServer | None = None,
@@ -301,7 +100,6 @@ class Agent:
         """The first service's status, with the agent's view of etcd."""
         status = self.services[0].status
         status.etcd_reachable = self.etcd_reachable
-        status.draining = self._draining
         return status
 
     @property
@@ -320,39 +118,47 @@ class Agent:
             )  # fmt: skip
         for warning in self.config.warnings:
             log.warning(warning)
+        endpoint: asyncio.Task[None] | None = None
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group
                 loops = [self._start_checks(svc, i) for i, svc in enumerate(self.services)]
                 loops.append(group.create_task(self._sync_loop()))
+                loops.append(group.create_task(self._keepalive_loop()))
                 if self._endpoint is not None:
-                    loops.append(group.create_task(self._endpoint.serve()))
+                    endpoint = group.create_task(self._endpoint.serve())
                 if self._notifier.watchdog_period is not None:
                     loops.append(group.create_task(self._watchdog_loop(self._notifier.watchdog_period)))
                 await shutdown
                 for task in [*loops, *self._extra_loops]:
                     task.cancel()
+                # /healthz stays up through the withdraw and the drain: it says "draining".
+                await self._shutdown()
+                if endpoint is not None:
+                    endpoint.cancel()
         finally:
             self._group = None
-            await self._shutdown()
 
-    def _start_checks(self, svc: ServiceAgent, index: int) -> asyncio.Task[None]:
-        # A stable phase per service spreads the rounds over the interval.
+    def _start_checks(self, svc: ServiceAgent, index: int, *, now: bool = False) -> asyncio.Task[None]:
+        # A stable phase per service spreads the rounds over the interval; one a reload
+        # added checks at once, so that it waits for nothing but its own rise.
         assert self._group is not None
-        phase = svc.config.interval * index / max(1, len(self.services))
+        phase = 0.0 if now else svc.config.interval * index / max(1, len(self.services))
         return self._group.create_task(svc.check_loop(phase))
 
     def apply(self, config: Config) -> None:
         """Take a reloaded configuration without withdrawing what did not change.
 
         Services are matched by service name and port (with one service on each side, they
-        are the same service whatever changed): a matched service keeps its verdict and
-        its record, which is rewritten or moved in one step; a new service starts its
-        checks; a removed one is withdrawn.
+        are the same service whatever changed): a matched service keeps its verdict and its
+        record, which is rewritten or moved in one transaction; a new service starts its
+        checks; a removed one is withdrawn. Every service's new pairs reach the registrar in
+        one sync, so keys that change hands between services are only ever put.
         """
         current = {(s.config.service, s.config.port): s for s in self.services if not s.retired}
         single = len(config.services) == 1 and len(current) == 1
         kept: list[ServiceAgent] = []
+        added: list[ServiceAgent] = []
         for svc_config in config.services:
             identity = next(iter(current)) if single else (svc_config.service, svc_config.port)
             match = current.pop(identity, None)
@@ -361,18 +167,19 @@ class Agent:
                 kept.append(match)
                 log.info("configuration reloaded", key=svc_config.key, checks_kept=same)
             else:
-                added = self._service(svc_config)
-                kept.append(added)
-                if self._group is not None:
-                    self._extra_loops.append(self._start_checks(added, len(kept) - 1))
+                new = self._service(svc_config)
+                kept.append(new)
+                added.append(new)
                 log.info("service added by a reload", key=svc_config.key)
         retired = [s for s in self.services if s not in kept]  # what `current` left, and earlier ones
         for svc in retired:
-            svc.retired = True
-            svc.update_wanted()
-            log.info("service removed by a reload", key=svc.config.key)
+            if not svc.retired:
+                svc.retire()
+                log.info("service removed by a reload", key=svc.config.key)
         self.services = kept + retired  # retired ones stay until their withdraw is done
         self.config = config
+        if self._group is not None:
+            self._extra_loops += [self._start_checks(svc, 0, now=True) for svc in added]
         self._wake.set()
 
     def health_report(self) -> tuple[int, dict[str, object]]:
@@ -381,23 +188,22 @@ class Agent:
         active = [s for s in self.services if not s.retired]
         rounds = [s.status.last_round for s in active]
         oldest = None if None in rounds else min(r for r in rounds if r is not None)
-        details: dict[str, object] = {"etcd_reachable": self.etcd_reachable}
+        details: dict[str, object] = {"etcd_reachable": self.etcd_reachable, "draining": self._draining}
         if len(active) == 1:
             details.update(active[0].details())
         details["services"] = [s.details() for s in active]
+        if self._draining:  # the loops have stopped on purpose: the process is on its way out
+            return health_report(alive=True, age=None, details=details)
         alive = all(s.loop_alive(now) for s in active)
         return health_report(alive=alive, age=None if oldest is None else now - oldest, details=details)
 
     def describe(self) -> dict[str, object]:
         """One line of state, for SIGUSR1."""
         return {
-            "etcd_reachable": self.etcd_reachable, "lease": self._lease_id(),
+            "etcd_reachable": self.etcd_reachable, "lease": self.registrar.lease,
             "services": [s.details() for s in self.services],
             **(self.services[0].details() if len(self.services) == 1 else {}),
         }  # fmt: skip
-
-    def _lease_id(self) -> int | None:
-        return getattr(self.registrar, "lease", None)
 
     async def _watchdog_loop(self, period: float) -> None:
         while True:
@@ -420,9 +226,11 @@ class Agent:
         registered = sum(s.registered for s in services)
         self._notifier.send(f"STATUS={event}; {passing}/{len(services)} passing, {registered} registered")
 
+    # -- shutdown ---------------------------------------------------------------
+
     async def _shutdown(self) -> None:
         cfg = self.config
-        drain = max((s.config.drain for s in self.services if s.placed is not None), default=0.0)
+        drain = max((s.config.drain for s in self.services if s.placed), default=0.0)
         self._notifier.send("STOPPING=1", "STATUS=withdrawing")
         log.info("shutting down", withdraw_within=cfg.shutdown_timeout, drain=drain)
         deadline = asyncio.get_running_loop().time() + cfg.shutdown_timeout
@@ -442,10 +250,10 @@ class Agent:
             self._notifier.close()
 
     async def _withdraw_at_shutdown(self, deadline: float, lease_left: float) -> tuple[str, ...]:
-        placed = [s for s in self.services if s.placed is not None]
+        placed = [s for s in self.services if s.placed]
         if not placed:
             return ()
-        keys = [s.placed[0] for s in placed if s.placed is not None]
+        keys = [key for s in placed for key in s.placed]
         try:
             async with asyncio.timeout_at(deadline):
                 deleted = await self.registrar.withdraw_all()
@@ -462,19 +270,20 @@ class Agent:
             )  # fmt: skip
             return ()
         for svc in placed:
-            assert svc.placed is not None
-            if svc.placed[0] in deleted:
+            if all(key in deleted for key in svc.placed):
                 svc.metrics.withdrawals.labels("shutdown").inc()
             else:
-                log.info("at shutdown the key was not ours to withdraw", key=svc.placed[0])
-            svc.placed = None
+                for key in svc.placed:
+                    if key not in deleted:
+                        log.info("at shutdown the key was not ours to withdraw", key=key)
+            svc.placed = {}
         return deleted
 
     async def _revoke_at_shutdown(
         self, deadline: float, lease_left: float, withdrawn: tuple[str, ...]
     ) -> None:
         loop = asyncio.get_running_loop()
-        if self._lease_id() is None and not withdrawn:
+        if self.registrar.lease is None and not withdrawn:
             log.info("nothing to withdraw: no lease was granted", keys=[s.config.key for s in self.services])
             return
         if loop.time() >= deadline:
@@ -495,34 +304,27 @@ class Agent:
         elif closed.revoked:
             log.info("lease revoked; no record of ours was registered")
 
-    # -- the sync loop ----------------------------------------------------------
+    # -- the loops that talk to etcd -----------------------------------------------
 
     async def _sync_loop(self) -> None:
+        """Make etcd match what every instance wants; every TTL/3, read it back and repair."""
         loop = asyncio.get_running_loop()
         interval = min(s.config.interval for s in self.services)
         backoff = Backoff(base=min(0.5, interval), cap=max(1.0, interval))
-        keepalive_due = loop.time() + self._keepalive_period()
+        repair_due = loop.time() + self._keepalive_period()
         while True:
             self._wake.clear()
-            asked = False
             try:
-                for svc in list(self.services):
-                    svc.asked = False
-                    event = await svc.reconcile()
-                    asked = asked or svc.asked
-                    if svc.retired and svc.placed is None:
-                        self.services.remove(svc)
-                    elif event is not None:
-                        self._tell_systemd(event)
-                # A lease just granted, perhaps with a shorter TTL than asked, sets the next due time.
-                keepalive_due = min(keepalive_due, loop.time() + self._keepalive_period())
-                if loop.time() >= keepalive_due:
+                asked = await self._reconcile()
+                if loop.time() >= repair_due and self.registrar.lease is not None:
                     asked = True
-                    await self._refresh()
-                    keepalive_due = loop.time() + self._keepalive_period()
+                    repair_due = loop.time() + self._keepalive_period()
+                    if await self.registrar.repair():
+                        asked = await self._reconcile() or asked  # put back what went missing
             except EtcdUnavailable as exc:
-                delay = backoff.next_delay()
-                self._set_reachable(False, error=str(exc), retry_in=round(delay, 3))
+                retry = backoff.next_delay()
+                self._set_reachable(False, error=str(exc), retry_in=round(retry, 3))
+                delay: float | None = retry
             except EtcdError as exc:  # etcd answered, but said no (credentials, permissions)
                 delay = backoff.next_delay()
                 self._set_reachable(True)
@@ -536,27 +338,64 @@ class Agent:
                     self._ready = True
                     self._notifier.send("READY=1")
                     self._tell_systemd("ready")
-                delay = max(0.0, keepalive_due - loop.time())
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self._wake.wait()
+                delay = None if self.registrar.lease is None else max(0.0, repair_due - loop.time())
+            await _wait(self._wake, delay)
+
+    async def _reconcile(self) -> bool:
+        """One sync of every instance's pairs, then the stale-record looks; True if etcd was asked."""
+        asked = {svc: svc.pairs for svc in self.services}
+        events: list[Event] = []
+        spoke = False
+        async for svc, synced in self.registrar.sync(asked):
+            spoke = True
+            if svc in asked:  # an instance a reload dropped meanwhile has nothing left to say
+                event = svc.settle(asked[svc], synced)
+                if event is not None:
+                    events.append(event)
+        for svc in [s for s in self.services if s.stale_check]:
+            spoke = True
+            await svc.remove_stale()
+        self.services = [s for s in self.services if not (s.retired and not s.placed)]
+        for event in dict.fromkeys(events):
+            self._tell_systemd(event.value)
+        return spoke
+
+    async def _keepalive_loop(self) -> None:
+        """Keep the lease alive every TTL/3 of the TTL etcd granted, whatever else is going on."""
+        backoff = Backoff(base=0.2, cap=max(0.5, self._keepalive_period() / 2))
+        retry: float | None = None
+        while True:
+            renew_at = self.registrar.renew_at
+            self.registrar.lease_changed.clear()
+            if retry is not None:
+                delay: float | None = retry
+            else:
+                delay = None if renew_at is None else max(0.0, renew_at - time.monotonic())
+            await _wait(self.registrar.lease_changed, delay)
+            if self.registrar.lease_changed.is_set() and retry is None:
+                continue  # granted or lost meanwhile: schedule from the new lease
+            retry = None
+            try:
+                kept = await self.registrar.keepalive()
+            except EtcdUnavailable as exc:
+                retry = backoff.next_delay()
+                self._set_reachable(False, error=str(exc), retry_in=round(retry, 3))
+                continue
+            except EtcdError as exc:
+                retry = backoff.next_delay()
+                self._set_reachable(True)
+                self._refused(exc, retry)
+                continue
+            backoff.reset()
+            self._set_reachable(True)
+            self.metrics.lease_ttl.set(kept.ttl or 0)
+            if kept.lost:
+                self._wake.set()  # the sync puts everything back on a new lease
 
     def _keepalive_period(self) -> float:
         """A keepalive about every TTL/3 of the TTL etcd granted: two can fail before it runs out."""
         ttl = self.registrar.ttl
         return (ttl if ttl is not None else self.config.ttl) / 3
-
-    async def _refresh(self) -> None:
-        refreshed = await self.registrar.refresh()
-        self.metrics.lease_ttl.set(refreshed.ttl or 0)
-        if refreshed.lease_lost and refreshed.restored:
-            # The lease had expired (etcd was away too long, or lost its data):
-            # the records had gone with it, and the registrar has put them back.
-            for svc in self.services:
-                if svc.placed is not None and svc.placed[0] in refreshed.restored:
-                    svc.metrics.withdrawals.labels("lease_lost").inc()
-                    svc.metrics.announcements.inc()
-            log.warning("lease lost; record announced again on a new lease", keys=list(refreshed.restored))
 
     def _refused(self, exc: EtcdError, delay: float) -> None:
         message = str(exc)

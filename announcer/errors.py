@@ -17,6 +17,10 @@ class EtcdUnavailable(EtcdError):
     """No endpoint answered in time, or none answered as etcd does."""
 
 
+class LeaseNotFound(EtcdError):
+    """The lease expired or etcd lost it."""
+
+
 def describe(exc: BaseException) -> str:
     """A cause a person can act on, from an exception and the ones behind it."""
     seen: BaseException | None = exc

@@ -23,10 +23,13 @@ import structlog
 from announcer.agent import Agent
 from announcer.checks import CheckResult
 from announcer.checks.rounds import run_round
+from announcer.entry import early_stop
 from announcer.errors import ConfigError
 from announcer.http import EndpointServer, bind
 from announcer.metrics import Metrics
 from announcer.notify import Notifier
+from announcer.registrar import Registrar
+from announcer.service import ServiceAgent
 from announcer.settings import Config, ServiceConfig
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
@@ -49,6 +52,10 @@ Loader = Callable[[], Config]
 
 
 def run_agent(config: Config, reload: Loader | None = None) -> int:
+    early = early_stop()
+    if early is not None:  # stopped while starting: nothing was registered, nothing to do
+        log.info(f"{signal.Signals(early).name} while starting: stopping before anything was registered")
+        return EXIT_OK
     # Bind the metrics port before anything starts: a busy port is a start-up error (exit 2).
     listen = bind(config.metrics_address) if config.metrics_address is not None else None
     if listen is not None:
@@ -63,7 +70,6 @@ async def build_agent(
 ) -> AsyncIterator[Agent]:
     """The edge: every concrete part built here and handed to the agent; the client closed after."""
     # Here, not at the top: `announcer check` needs no etcd, so it does not load httpx (5 MB).
-    from announcer.registrar.etcd import EtcdRegistrar  # noqa: PLC0415
     from announcer.registrar.etcd_client import EtcdClient  # noqa: PLC0415
 
     client = EtcdClient(config.etcd, observe=metrics.observe_etcd)
@@ -73,7 +79,7 @@ async def build_agent(
             raise ValueError("a metrics endpoint needs metrics built with enabled=True")
         endpoint = EndpointServer(listen, metrics.registry)
     try:
-        registrar = EtcdRegistrar(client, config.ttl)
+        registrar: Registrar[ServiceAgent] = Registrar(client, config.ttl)
         yield Agent(config, registrar=registrar, metrics=metrics, notifier=notifier, endpoint=endpoint)
     finally:
         await client.aclose()
@@ -116,6 +122,9 @@ async def _serve(agent: Agent, metrics: Metrics, reload: Loader | None) -> None:
     loop.add_signal_handler(signal.SIGUSR1, lambda: log.info("state", **agent.describe()))
     for signum in IGNORED_SIGNALS:
         loop.add_signal_handler(signum, _ignore, signum)  # a handler, not SIG_IGN: checks inherit no change
+    early = early_stop()  # caught by the entry point before these handlers were in place
+    if early is not None:
+        on_stop(early)
     await agent.serve(stop.wait())
 
 

@@ -55,3 +55,9 @@ def etcd_cluster(tmp_path: Path) -> Iterator[EtcdCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+def etcd_34(tmp_path: Path) -> Iterator[EtcdServer]:
+    """Debian's etcd 3.4 alone, for fixtures that pick a version themselves."""
+    yield from _etcd("3.4", tmp_path)

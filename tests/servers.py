@@ -161,6 +161,16 @@ class EtcdServer:
         kv["mod_revision"] = int(kv["mod_revision"])
         return kv
 
+    def range_prefix(self, prefix: str) -> list[dict[str, Any]]:
+        """Every key under ``prefix``, with its lease (keys decoded, values left out)."""
+        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        body = {"key": b64(prefix), "range_end": b64(end), "keys_only": True}
+        kvs = self.call("/v3/kv/range", body).get("kvs") or []
+        return [
+            {"key": base64.b64decode(kv["key"]).decode(errors="replace"), "lease": int(kv.get("lease", 0))}
+            for kv in kvs
+        ]
+
     def value(self, key: str) -> Any:
         kv = self.get(key)
         return None if kv is None else json.loads(kv["value"])

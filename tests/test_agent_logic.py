@@ -9,16 +9,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from structlog.testing import capture_logs
 
 from announcer.agent import Agent
+from announcer.config import load_config
 from announcer.errors import EtcdUnavailable
 from announcer.metrics import Metrics
+from announcer.registrar import Registrar
 from announcer.registrar.etcd_client import EtcdAuthError
-from tests.agent_helpers import agent_config, eventually, sample
-from tests.memory_registrar import MemoryRegistrar
+from tests.agent_helpers import AMBIENT, agent_config, eventually, sample
+from tests.memory_store import memory_registrar
 from tests.servers import SilentListener
 
 
@@ -39,13 +42,14 @@ class RecordingNotifier:
 
 @contextlib.asynccontextmanager
 async def agent_on(
-    registrar: MemoryRegistrar, **flags: Any
+    registrar: Registrar,
+    **flags: Any,  # type: ignore[type-arg]
 ) -> AsyncIterator[tuple[Agent, RecordingNotifier]]:
     listener = SilentListener()  # accepts connections: a passing tcp check
     notifier = RecordingNotifier()
     config = agent_config("http://127.0.0.1:1", listener.port, check=["tcp"], interval="0.05", timeout="0.04",
                           rise="1", fall="1", **flags)  # fmt: skip
-    agent = Agent(config, registrar=registrar, metrics=Metrics(process=False), notifier=notifier)  # type: ignore[arg-type]
+    agent = Agent(config, registrar=registrar, metrics=Metrics(process=False), notifier=notifier)
     stop = asyncio.Event()
     task = asyncio.create_task(agent.serve(stop.wait()))
     try:
@@ -57,10 +61,10 @@ async def agent_on(
 
 
 async def test_ready_once_after_the_first_verdict_is_in_etcd() -> None:
-    registrar = MemoryRegistrar()
+    registrar, store = memory_registrar()
     async with agent_on(registrar) as (agent, notifier):
         await eventually(lambda: "READY=1" in notifier.lines, what="READY")
-        assert registrar.store  # the record was in "etcd" before READY
+        assert store.data  # the record was in "etcd" before READY
         rounds = agent.status.rounds
         await eventually(lambda: agent.status.rounds >= rounds + 5, what="more rounds")
     assert notifier.lines.count("READY=1") == 1
@@ -70,14 +74,13 @@ async def test_ready_once_after_the_first_verdict_is_in_etcd() -> None:
 
 
 async def test_unreachable_is_logged_once_and_backoff_resets() -> None:
-    registrar = MemoryRegistrar()
-    registrar.fail(*[EtcdUnavailable("etcd down")] * 4)
+    registrar, store = memory_registrar()
+    store.fail(*[EtcdUnavailable("etcd down")] * 4)
     with capture_logs() as logs:
         async with agent_on(registrar) as (agent, _):
             await eventually(lambda: agent.registered, what="announced once etcd is back")
-            registrar.fail(EtcdUnavailable("etcd down again"))
+            store.fail(EtcdUnavailable("etcd down again"))
             agent._wake.set()
-            registrar.fail()
             await eventually(
                 lambda: [e["event"] for e in logs].count("etcd reachable again") >= 1, what="back"
             )
@@ -89,8 +92,8 @@ async def test_unreachable_is_logged_once_and_backoff_resets() -> None:
 
 
 async def test_a_refusal_is_logged_once_per_distinct_message() -> None:
-    registrar = MemoryRegistrar()
-    registrar.fail(*[EtcdAuthError("permission denied")] * 3, *[EtcdAuthError("user unknown")] * 2)
+    registrar, store = memory_registrar()
+    store.fail(*[EtcdAuthError("permission denied")] * 3, *[EtcdAuthError("user unknown")] * 2)
     with capture_logs() as logs:
         async with agent_on(registrar) as (agent, _):
             await eventually(lambda: agent.registered, what="announced after the refusals")
@@ -100,11 +103,50 @@ async def test_a_refusal_is_logged_once_per_distinct_message() -> None:
 
 
 async def test_a_lost_lease_counts_one_withdrawal_and_one_announcement() -> None:
-    registrar = MemoryRegistrar(ttl=3)  # a keepalive every second
+    registrar, store = memory_registrar(ttl=3)  # a keepalive every second
     async with agent_on(registrar) as (agent, _):
         await eventually(lambda: agent.registered, what="announce")
-        registrar.expire()
-        assert not agent.registered
-        await eventually(lambda: agent.registered, timeout=5, what="put back on a new lease")
+        first = registrar.lease
+        with capture_logs() as logs:
+            store.expire()  # etcd forgets the lease: the next keepalive finds out
+            await eventually(
+                lambda: agent.registered and registrar.lease != first,
+                timeout=5,
+                what="put back on a new lease",
+            )
+        assert [(e["event"], e.get("records")) for e in logs if e["event"] == "lease lost"] == [
+            ("lease lost", 1)
+        ]
         assert sample(agent, "announcer_withdrawals_total", reason="lease_lost") == 1
         assert sample(agent, "announcer_announcements_total") == 2
+
+
+async def test_a_pass_longer_than_the_ttl_keeps_the_one_lease(tmp_path: Path) -> None:
+    # #18: a pass of announcements longer than the TTL once let the shared lease expire,
+    # and every record dropped at once. The store here is slow (50 ms a written key, so a
+    # pass of 120 announcements takes about 6 s, twice the TTL) and its lease really
+    # expires when it is not kept alive in time: the keepalive must run during the pass.
+    server = await asyncio.start_server(lambda _r, w: w.close(), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    count = 120
+    lines = ["ttl = 3", 'ip = "127.0.0.1"', "rise = 1", "fall = 1", 'etcd_endpoints = "http://127.0.0.1:1"']
+    for n in range(count):
+        lines += ["[[services]]", f'service = "s{n}"', f"port = {port}", f'key = "/long/{n}"',
+                  "interval = 0.5", "timeout = 0.4", 'checks = ["tcp"]']  # fmt: skip
+    (tmp_path / "long.toml").write_text("\n".join(lines) + "\n")
+    config = load_config({"config": str(tmp_path / "long.toml")}, {}, AMBIENT)
+    registrar, store = memory_registrar(ttl=3, latency=0.05)
+    agent = Agent(config, registrar=registrar, metrics=Metrics(process=False), notifier=RecordingNotifier())
+    stop = asyncio.Event()
+    with capture_logs() as logs:
+        task = asyncio.create_task(agent.serve(stop.wait()))
+        try:
+            await eventually(lambda: len(store.data) == count, timeout=30, what="every record in place")
+            assert store.calls.count("keepalive") >= 3  # kept alive while the pass ran
+            assert agent.registered
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 20)
+            server.close()
+    assert store.calls.count("grant") == 1  # one lease for the whole run
+    assert not [e for e in logs if e["event"] in ("lease lost", "record missing, putting it back")]

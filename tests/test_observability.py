@@ -102,7 +102,7 @@ async def test_healthz_and_routes(etcd: EtcdServer, http_service: HttpService) -
             assert health.status_code == 200
             body = health.json()
             assert body["status"] == "ok"
-            assert body["service"] == "passing"
+            assert (body["service"], body["state"]) == ("web", "passing")
             assert body["registered"] is True
             assert body["etcd_reachable"] is True
             assert (await client.head(base + "/metrics")).status_code == 200

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import threading
+import time
 
 import pytest
 
@@ -148,3 +149,36 @@ def test_check_command_exit_1_when_failing(http_service: HttpService) -> None:
         assert p.returncode == 1
     assert "FAIL" in out
     assert "HTTP 500" in out
+
+
+@pytest.mark.parametrize("after", [0.1, 0.2, 0.3])
+def test_sigterm_while_starting_exits_0_with_nothing_left(
+    etcd: EtcdServer, http_service: HttpService, after: float
+) -> None:
+    # #18: a stop signal in the first few hundred milliseconds after exec, while the CLI
+    # and the agent are still loading, used to kill announcer by the default action (143).
+    with announcer_process(*agent_args(etcd, http_service.port, "--rise", "1")) as process:
+        time.sleep(after)  # the signal's timing is the stimulus here, not a wait for a state
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+    assert etcd.range_prefix("/services/") == []
+
+
+def test_sigterm_during_the_first_announce_exits_0_with_nothing_left(
+    etcd: EtcdServer, http_service: HttpService
+) -> None:
+    with announcer_process(*agent_args(etcd, http_service.port, "--rise", "1")) as process:
+        log = StderrLog(process.stderr)
+        wait_until(lambda: log.saw("service healthy"), 20, "the first verdict, which starts the announce")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+    assert etcd.range_prefix("/services/") == []
+
+
+def test_check_keeps_the_default_action_of_sigterm(http_service: HttpService) -> None:
+    # A stopped `announcer check` is never a pass: no early handler there.
+    with announcer_process("check", "--service", "web", "--port", str(http_service.port), "--ip", "127.0.0.1",
+                           "--check", "exec:/bin/sleep 5", "--timeout", "8", "--interval", "9") as process:  # fmt: skip
+        time.sleep(0.3)  # the timing is the stimulus
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == -signal.SIGTERM

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 
 import pytest
 
 from announcer.record import Record
-from announcer.registrar.etcd import EtcdRegistrar
+from announcer.registrar import Registrar, Synced
 from announcer.registrar.etcd_client import EtcdClient, EtcdSettings, EtcdUnavailable, LeaseNotFound
+from tests.memory_store import MemoryStore
 from tests.servers import EtcdServer, Watcher, free_port
 
 KEY = "/services/web/127.0.0.1:5555"
 RECORD = Record("node-1", "127.0.0.1", 5555, {"zone": "a"})
+VALUE = RECORD.to_json().encode()
 
 
 @pytest.fixture
@@ -61,115 +62,165 @@ async def test_fails_over_to_the_next_endpoint(etcd_any: EtcdServer) -> None:
     await client.aclose()
 
 
-async def test_announce_writes_valid_json_on_own_lease(etcd_any: EtcdServer, client: EtcdClient) -> None:
-    registrar = EtcdRegistrar(client, ttl=10)
-    assert await registrar.announce(KEY, RECORD)
-    kv = etcd_any.get(KEY)
-    assert kv is not None
-    assert kv["lease"] == registrar.lease
-    assert json.loads(kv["value"]) == {"host": "node-1", "ipv4_addr": "127.0.0.1", "port": 5555, "zone": "a"}
-    # announcing the same record again writes nothing, and says so
-    revision = etcd_any.revision()
-    assert not await registrar.announce(KEY, RECORD)
-    assert etcd_any.revision() == revision
+async def synced(registrar: Registrar[str], wanted: dict[str, dict[str, bytes]]) -> dict[str, Synced]:
+    return {owner: done async for owner, done in registrar.sync(wanted)}
 
 
-async def test_refresh_costs_no_revision(etcd_any: EtcdServer, client: EtcdClient) -> None:
-    registrar = EtcdRegistrar(client, ttl=10)
-    await registrar.announce(KEY, RECORD)
+class EtcdBackend:
+    """The contract's view of a real etcd: what another client does, and what is there."""
+
+    def __init__(self, etcd: EtcdServer, client: EtcdClient) -> None:
+        self.etcd, self.store = etcd, client
+
+    def held(self, key: str) -> tuple[bytes, int] | None:
+        kv = self.etcd.get(key)
+        return None if kv is None else (kv["value"].encode(), kv["lease"])
+
+    def delete(self, key: str) -> None:
+        self.etcd.delete(key)
+
+    def take_over(self, key: str) -> int:
+        lease = self.etcd.grant(30)
+        self.etcd.put(key, '{"host":"successor"}', lease)
+        return lease
+
+    def lose(self, lease: int) -> None:
+        self.etcd.call("/v3/lease/revoke", {"ID": str(lease)})
+
+
+class MemoryBackend:
+    def __init__(self) -> None:
+        self.store = MemoryStore()
+
+    def held(self, key: str) -> tuple[bytes, int] | None:
+        held = self.store.data.get(key)
+        return None if held is None else (held.value, held.lease)
+
+    def delete(self, key: str) -> None:
+        self.store.delete(key)
+
+    def take_over(self, key: str) -> int:
+        self.store.leases[999] = (30, 1e18)
+        self.store.put(key, b'{"host":"successor"}', 999)
+        return 999
+
+    def lose(self, lease: int) -> None:
+        self.store.expire(lease)
+
+
+@pytest.fixture(params=["memory", "etcd-3.5", "etcd-3.4"])
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[EtcdBackend | MemoryBackend]:
+    if request.param == "memory":
+        yield MemoryBackend()
+        return
+    etcd = request.getfixturevalue("etcd" if request.param == "etcd-3.5" else "etcd_34")
+    client = EtcdClient(EtcdSettings(endpoints=(etcd.url,), timeout=2))
+    yield EtcdBackend(etcd, client)
+    await client.aclose()
+
+
+async def test_the_registrar_contract(backend: EtcdBackend | MemoryBackend) -> None:
+    """One sequence of verbs on the in-memory store and on real etcd: the fake cannot drift."""
+    registrar: Registrar[str] = Registrar(backend.store, ttl=10)
+    other = b'{"host":"node-2"}'
+    k1, k2 = "/c/1", "/c/2"
+    # A first announce writes; the same wanted set again writes nothing and says nothing.
+    assert await synced(registrar, {"a": {k1: VALUE}}) == {"a": Synced(registrar.lease, written=(k1,))}  # type: ignore[arg-type]
+    lease = registrar.lease
+    assert lease is not None
+    assert backend.held(k1) == (VALUE, lease)
+    assert await synced(registrar, {"a": {k1: VALUE}}) == {}
+    # Two instances swap keys: only puts, each in place on the one lease.
+    done = await synced(registrar, {"a": {k2: VALUE}, "b": {k1: other}})
+    assert done == {"a": Synced(lease, written=(k2,)), "b": Synced(lease, written=(k1,))}
+    assert (backend.held(k1), backend.held(k2)) == ((other, lease), (VALUE, lease))
+    assert registrar.holds(k1, 0.0)
+    assert registrar.holds(k2, 0.0)
+    # Another client deletes a record: the read finds it, the next sync puts it back.
+    backend.delete(k1)
+    assert await registrar.repair() == (k1,)
+    assert await synced(registrar, {"a": {k2: VALUE}, "b": {k1: other}}) == {
+        "b": Synced(lease, written=(k1,))
+    }
+    # A successor takes a key over: left alone while the wanted value stays the same.
+    successor = backend.take_over(k2)
+    assert await registrar.repair() == ()
+    assert not registrar.holds(k2, 0.0)
+    assert registrar.holder(k2) == successor
+    assert await synced(registrar, {"a": {k2: VALUE}, "b": {k1: other}}) == {}
+    assert backend.held(k2) == (b'{"host":"successor"}', successor)
+    # Giving both up deletes ours and leaves the successor's.
+    done = await synced(registrar, {"a": {}, "b": {}})
+    assert done == {"a": Synced(lease, left=(k2,)), "b": Synced(lease, deleted=(k1,))}
+    assert backend.held(k1) is None
+    assert backend.held(k2) == (b'{"host":"successor"}', successor)
+    # The lease is lost: the keepalive says so, with how many records went; the next sync
+    # puts them back on a new lease.
+    assert await synced(registrar, {"b": {k1: other}}) == {"b": Synced(lease, written=(k1,))}
+    backend.lose(lease)
+    kept = await registrar.keepalive()
+    assert (kept.lost, kept.records) == (True, 1)
+    done = await synced(registrar, {"b": {k1: other}})
+    assert registrar.lease not in (None, lease)
+    assert done == {"b": Synced(registrar.lease, written=(k1,))}  # type: ignore[arg-type]
+    assert backend.held(k1) == (other, registrar.lease)
+    assert (await registrar.keepalive()).ttl == 10
+    # Closing withdraws and revokes.
+    closed = await registrar.close()
+    assert closed.withdrawn == (k1,)
+    assert closed.revoked
+    assert backend.held(k1) is None
+
+
+async def test_a_sync_that_writes_nothing_costs_no_revision(etcd_any: EtcdServer, client: EtcdClient) -> None:
+    registrar: Registrar[str] = Registrar(client, ttl=10)
+    await synced(registrar, {"a": {KEY: VALUE}})
     watcher = Watcher(etcd_any, "/services/")
     revision = etcd_any.revision()
     for _ in range(5):
-        await registrar.refresh()
+        await synced(registrar, {"a": {KEY: VALUE}})
+        await registrar.keepalive()
+        await registrar.repair()
     assert etcd_any.revision() == revision
     assert watcher.events == []
     watcher.close()
 
 
-async def test_refresh_puts_back_a_deleted_record_but_leaves_a_successor(
+async def test_an_unanswered_put_is_still_withdrawn(etcd_any: EtcdServer, client: EtcdClient) -> None:
+    # A put whose answer never came may have landed: giving the key up deletes it (if ours).
+    registrar: Registrar[str] = Registrar(client, ttl=10)
+    await synced(registrar, {"a": {KEY: VALUE}})
+    etcd_any.freeze()
+    try:
+        with pytest.raises(EtcdUnavailable):
+            await synced(registrar, {"a": {KEY: b'{"host":"changed"}'}})
+    finally:
+        etcd_any.thaw()
+    await synced(registrar, {"a": {}})
+    assert etcd_any.get(KEY) is None
+
+
+async def test_many_records_are_written_read_and_withdrawn_in_batches(
     etcd_any: EtcdServer, client: EtcdClient
 ) -> None:
-    registrar = EtcdRegistrar(client, ttl=10)
-    await registrar.announce(KEY, RECORD)
-    etcd_any.delete(KEY)
-    await registrar.refresh()
-    kv = etcd_any.get(KEY)
-    assert kv is not None
-    assert kv["lease"] == registrar.lease
-    # a successor takes the key over on its own lease: refresh must not touch it
-    other = etcd_any.grant(10)
-    etcd_any.put(KEY, '{"host":"successor"}', other)
-    await registrar.refresh()
-    await registrar.refresh()
-    assert etcd_any.value(KEY) == {"host": "successor"}
-
-
-async def test_withdraw_and_close_never_delete_a_successor(etcd_any: EtcdServer, client: EtcdClient) -> None:
-    old = EtcdRegistrar(client, ttl=10)
-    await old.announce(KEY, RECORD)
-    new_client = EtcdClient(EtcdSettings(endpoints=(etcd_any.url,)))
-    new = EtcdRegistrar(new_client, ttl=10)
-    await new.announce(KEY, Record("node-2", "127.0.0.1", 5555))  # the newest healthy instance wins
-    assert etcd_any.value(KEY)["host"] == "node-2"
-    old_lease = old.lease
-    assert old_lease is not None
-    await old.withdraw(KEY)
-    await old.close()  # a late stop of the old instance
-    kv = etcd_any.get(KEY)
-    assert kv is not None
-    assert kv["lease"] == new.lease
-    assert json.loads(kv["value"])["host"] == "node-2"
-    assert etcd_any.lease_ttl(old_lease) == -1  # the old lease was revoked
-    await new.close()
-    assert etcd_any.get(KEY) is None
-    await new_client.aclose()
-
-
-async def test_lease_lost_is_regranted_and_record_put_again(etcd_any: EtcdServer, client: EtcdClient) -> None:
-    registrar = EtcdRegistrar(client, ttl=10)
-    await registrar.announce(KEY, RECORD)
-    first = registrar.lease
-    assert first is not None
-    etcd_any.call("/v3/lease/revoke", {"ID": str(first)})  # as if it had expired
-    assert etcd_any.get(KEY) is None
-    refreshed = await registrar.refresh()
-    assert refreshed.lease_lost
-    assert refreshed.restored == (KEY,)
-    assert registrar.lease not in (None, first)
-    kv = etcd_any.get(KEY)
-    assert kv is not None
-    assert kv["lease"] == registrar.lease
-
-
-async def test_withdrawn_registrar_keeps_its_lease_alive(etcd_any: EtcdServer, client: EtcdClient) -> None:
-    registrar = EtcdRegistrar(client, ttl=10)
-    await registrar.announce(KEY, RECORD)
-    await registrar.withdraw(KEY)
-    assert etcd_any.get(KEY) is None
-    lease = registrar.lease
-    assert lease is not None
-    refreshed = await registrar.refresh()
-    assert registrar.lease == lease
-    assert refreshed.ttl == 10
-    assert not refreshed.lease_lost
-    await registrar.announce(KEY, RECORD)
-    assert etcd_any.get(KEY)["lease"] == lease  # type: ignore[index]  # one lease for the agent's life
-
-
-async def test_a_failed_withdraw_leaves_the_record_wanted(etcd_any: EtcdServer, client: EtcdClient) -> None:
-    # The agent retries a failed withdraw; until one succeeds, or the service recovers and
-    # wants the record after all, the registrar must keep treating the record as its own.
-    registrar = EtcdRegistrar(client, ttl=10)
-    await registrar.announce(KEY, RECORD)
-    etcd_any.stop()
-    with pytest.raises(EtcdUnavailable):
-        await registrar.withdraw(KEY)
-    etcd_any.start()
-    etcd_any.delete(KEY)
-    await registrar.refresh()
-    assert etcd_any.get(KEY) is not None  # put back: still wanted
-    await registrar.withdraw(KEY)
-    assert etcd_any.get(KEY) is None
+    # etcd refuses a transaction of more than 128 operations (--max-txn-ops): a host with more
+    # services than that is written, read and withdrawn in several requests, never refused.
+    registrar: Registrar[str] = Registrar(client, ttl=10)
+    keys = [f"/services/many/127.0.0.1:{port}" for port in range(20000, 20150)]
+    wanted = {
+        key: {key: Record("node-1", "127.0.0.1", int(key.rsplit(":", 1)[1])).to_json().encode()}
+        for key in keys
+    }
+    done = await synced(registrar, wanted)
+    assert sorted(done) == sorted(keys)
+    etcd_any.delete(keys[149])
+    assert await registrar.repair() == (keys[149],)  # the 150 keys were all looked at
+    assert list(await synced(registrar, wanted)) == [keys[149]]
+    assert all(registrar.holds(key, 0.0) for key in keys)
+    closed = await registrar.close()
+    assert sorted(closed.withdrawn) == sorted(keys)
+    assert closed.revoked
+    assert all(etcd_any.get(key) is None for key in keys[::25])
 
 
 async def test_several_keys_read_in_one_request(etcd_any: EtcdServer, client: EtcdClient) -> None:
@@ -184,7 +235,7 @@ async def test_several_keys_read_in_one_request(etcd_any: EtcdServer, client: Et
 
 
 async def test_remove_stale_is_guarded_on_the_revision(etcd_any: EtcdServer, client: EtcdClient) -> None:
-    registrar = EtcdRegistrar(client, ttl=10)
+    registrar: Registrar[str] = Registrar(client, ttl=10)
     crashed = etcd_any.grant(30)
     etcd_any.put(KEY, '{"host":"crashed"}', crashed)
     assert await registrar.remove_stale(KEY) == crashed
@@ -203,25 +254,6 @@ async def test_remove_stale_is_guarded_on_the_revision(etcd_any: EtcdServer, cli
     client.get = real_get  # type: ignore[method-assign]
     assert etcd_any.value(KEY) == {"host": "live"}
     # our own record is never "stale"
-    await registrar.announce(KEY, RECORD)
+    await synced(registrar, {"a": {KEY: VALUE}})
     assert await registrar.remove_stale(KEY) is None
     assert etcd_any.get(KEY)["lease"] == registrar.lease  # type: ignore[index]
-
-
-async def test_many_records_are_read_and_withdrawn_in_batches(
-    etcd_any: EtcdServer, client: EtcdClient
-) -> None:
-    # etcd refuses a transaction of more than 128 operations (--max-txn-ops): a host with more
-    # services than that is read and withdrawn in several requests, never refused.
-    registrar = EtcdRegistrar(client, ttl=10)
-    keys = [f"/services/many/127.0.0.1:{port}" for port in range(20000, 20150)]
-    for key in keys:
-        await registrar.announce(key, Record("node-1", "127.0.0.1", int(key.rsplit(":", 1)[1])))
-    etcd_any.delete(keys[149])
-    refreshed = await registrar.refresh()
-    assert refreshed.restored == (keys[149],)  # the 150 keys were all looked at
-    assert all(registrar.holds(key, 0.0) for key in keys)
-    closed = await registrar.close()
-    assert sorted(closed.withdrawn) == sorted(keys)
-    assert closed.revoked
-    assert all(etcd_any.get(key) is None for key in keys[::25])

@@ -23,14 +23,15 @@ import binascii
 import json
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import httpx
 
-from announcer.errors import EtcdError, EtcdUnavailable, describe
+from announcer.errors import EtcdError, EtcdUnavailable, LeaseNotFound, describe
 from announcer.redact import redact_url
+from announcer.registrar.store import KeyValue, Write
 from announcer.settings import EtcdSettings
 
 # gRPC status codes that etcd's gateway puts in its error bodies.
@@ -62,26 +63,12 @@ class EtcdProtocolError(EtcdUnavailable):
     """An endpoint answered, but not as etcd's v3 gateway answers: try another one."""
 
 
-class LeaseNotFound(EtcdError):
-    """The lease expired or etcd lost it."""
-
-
 class EtcdAuthError(EtcdError):
     """Wrong user or password, or the user may not do this."""
 
 
 def _b64(data: str | bytes) -> str:
     return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
-
-
-@dataclass(frozen=True, slots=True)
-class KeyValue:
-    """What a range read says about a key; ``value`` is None when only keys were asked for."""
-
-    key: bytes
-    value: bytes | None
-    lease: int
-    mod_revision: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +101,13 @@ def op_put(key: str, value: bytes, lease: int) -> dict[str, Any]:
 
 def op_delete(key: str) -> dict[str, Any]:
     return {"request_delete_range": {"key": _b64(key)}}
+
+
+def _guarded(write: Write, lease: int) -> Txn:
+    if write.value is None:
+        return Txn([compare_lease(write.key, lease)], [op_delete(write.key)])
+    put = op_put(write.key, write.value, lease)
+    return Txn([compare_value(write.key, write.value), compare_lease(write.key, lease)], [], [put])
 
 
 Observer = Callable[[str, str, float], None]  # operation, outcome, seconds
@@ -258,34 +252,40 @@ class EtcdClient:
 
         return await self._call("range", "/v3/kv/txn", {"success": ops}, parse)
 
-    async def delete_many_if_lease(self, keys: list[str], lease: int) -> list[str]:
-        """Delete each key that sits on ``lease``, in one request; the keys deleted.
+    async def write(self, writes: Sequence[Write], lease: int) -> list[bool]:
+        """Every write in one request and one revision, each guarded on its own (see `Write`).
 
-        One transaction whose operations are transactions of their own (etcd 3.3+), so
-        that each delete keeps its own guard: a key another lease holds stays.
+        One transaction whose operations are transactions of their own (etcd 3.3+): a put
+        runs unless the key already holds its value on ``lease``; a delete runs only while
+        the key sits on ``lease``. Per write: whether the put wrote, the delete deleted.
         """
-        ops = [{"request_txn": Txn([compare_lease(key, lease)], [op_delete(key)]).as_json()} for key in keys]
+        ops = [{"request_txn": _guarded(write, lease).as_json()} for write in writes]
 
-        def parse(answer: dict[str, Any], endpoint: str) -> list[str]:
+        def parse(answer: dict[str, Any], endpoint: str) -> list[bool]:
             responses = _list(answer, "responses", endpoint)
-            if len(responses) != len(keys):
+            if len(responses) != len(writes):
                 raise EtcdProtocolError(
-                    f"{redact_url(endpoint)}: a txn answer with {len(responses)} of {len(keys)}"
+                    f"{redact_url(endpoint)}: a txn answer with {len(responses)} of {len(writes)}"
                 )
-            deleted: list[str] = []
-            for key, response in zip(keys, responses, strict=True):
+            happened: list[bool] = []
+            for write, response in zip(writes, responses, strict=True):
                 inner = response.get("response_txn") if isinstance(response, Mapping) else None
                 if not isinstance(inner, Mapping) or not isinstance(inner.get("succeeded", False), bool):
                     raise EtcdProtocolError(f"{redact_url(endpoint)}: a txn answer without its inner result")
-                if inner.get("succeeded", False):
-                    deleted.append(key)
-            return deleted
+                compares_held = bool(inner.get("succeeded", False))
+                # A put's compares say "already in place" (nothing written); a delete's, "ours".
+                happened.append(not compares_held if write.is_put else compares_held)
+            return happened
 
-        return await self._call("delete", "/v3/kv/txn", {"success": ops}, parse)
+        return await self._call("write", "/v3/kv/txn", {"success": ops}, parse)
 
     async def delete_if_lease(self, key: str, lease: int) -> bool:
         """Delete ``key`` only while it sits on ``lease``; True when it was deleted."""
         return await self.txn("delete", Txn([compare_lease(key, lease)], [op_delete(key)]))
+
+    async def delete_if_revision(self, key: str, revision: int) -> bool:
+        """Delete ``key`` only while its mod_revision is ``revision``; True when it was deleted."""
+        return await self.txn("remove_stale", Txn([compare_mod_revision(key, revision)], [op_delete(key)]))
 
     async def txn(self, operation: str, txn: Txn) -> bool:
         """Run a transaction; True when its compares held (its success branch ran)."""

@@ -1,0 +1,66 @@
+"""What the registrar needs from a key-value store with leases, and nothing more.
+
+The etcd client (`announcer.registrar.etcd_client.EtcdClient`) is the store announcer
+runs on; the tests' in-memory store keeps the same promises, and one contract test
+runs the same sequence against both. Everything above this line (what to write,
+what to delete, what to put back) is the registrar's, written once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class KeyValue:
+    """What a range read says about a key; ``value`` is None when only keys were asked for."""
+
+    key: bytes
+    value: bytes | None
+    lease: int
+    mod_revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """One guarded operation of a write.
+
+    A put (``value`` given) is skipped when the key already holds exactly this value on
+    the lease, and otherwise takes the key over. A delete (``value`` None) removes the
+    key only while it sits on the lease: a successor's record is never deleted.
+    """
+
+    key: str
+    value: bytes | None
+
+    @property
+    def is_put(self) -> bool:
+        return self.value is not None
+
+
+class Store(Protocol):
+    async def grant(self, ttl: int) -> tuple[int, int]:
+        """A new lease: its ID and the TTL granted (which may differ from ``ttl``)."""
+
+    async def keepalive(self, lease: int) -> int:
+        """The TTL the lease was reset to; 0 or less means the lease is gone."""
+
+    async def revoke(self, lease: int) -> bool:
+        """True when the lease existed and is now revoked."""
+
+    async def write(self, writes: Sequence[Write], lease: int) -> list[bool]:
+        """All ``writes`` in one transaction (one revision), each with its own guard.
+
+        For each write, in order: a put says whether it wrote, a delete whether it
+        deleted. Raises LeaseNotFound when the lease is gone.
+        """
+
+    async def get_many(self, keys: list[str], *, keys_only: bool = False) -> list[KeyValue | None]:
+        """Several keys read in one request, in order; None where a key does not exist."""
+
+    async def get(self, key: str, *, keys_only: bool = False) -> KeyValue | None: ...
+
+    async def delete_if_revision(self, key: str, revision: int) -> bool:
+        """Delete ``key`` only while its mod_revision is ``revision``; True when deleted."""
