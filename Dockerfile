@@ -22,8 +22,7 @@ RUN /opt/announcer/bin/pip install --no-cache-dir ".[all]" \
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="announcer" \
       org.opencontainers.image.description="Keeps a healthy service's record in etcd under a lease" \
-      org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.source="https://github.com/announcer/announcer"
+      org.opencontainers.image.licenses="Apache-2.0"
 COPY --from=build /opt/announcer /opt/announcer
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin announcer
 # Numeric, so the host resolves it without the image's /etc/passwd.

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from announcer.errors import ConfigError, safe_text
+from announcer.errors import ConfigError, safe_text, shown
 from announcer.health import FlapLimit
 from announcer.record import META_NAME_LIMIT, META_VALUE_LIMIT, RESERVED_FIELDS
 from announcer.redact import redact_url
@@ -38,12 +38,6 @@ def text(name: str, value: Any, limit: int = TEXT_LIMIT) -> str:
     if problem:
         raise ConfigError(f"{flag(name)} {problem}")
     return text
-
-
-def shown(value: Any) -> str:
-    """A value for an error message: short, one line, and never a whole file's worth."""
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def integer(name: str, value: Any, low: int, high: int | None = None) -> int:

@@ -21,6 +21,12 @@ class LeaseNotFound(EtcdError):
     """The lease expired or etcd lost it."""
 
 
+def shown(value: object) -> str:
+    """A value for an error message: short, one line, and never a whole file's worth."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def describe(exc: BaseException) -> str:
     """A cause a person can act on, from an exception and the ones behind it."""
     seen: BaseException | None = exc

@@ -7,7 +7,7 @@ import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from announcer.errors import ConfigError
+from announcer.errors import ConfigError, shown
 
 RESERVED_FIELDS = frozenset({"host", "ipv4_addr", "port"})
 KEY_PLACEHOLDERS = frozenset({"service", "ip", "port", "hostname"})
@@ -52,9 +52,16 @@ def render_key(template: str, *, service: str, ip: str, port: int, hostname: str
     """
     key = render(template, "--key", service=service, ip=ip, port=port, hostname=hostname)
     if not key.startswith("/") or not key.strip("/"):
-        raise ConfigError(f"--key {_short(key)} must start with '/' and name something below it")
+        raise ConfigError(f"--key {shown(key)} must start with '/' and name something below it")
     if not key.isprintable() or any(c.isspace() for c in key):
-        raise ConfigError(f"--key {_short(key)} may hold no spaces or control characters")
+        raise ConfigError(f"--key {shown(key)} may hold no spaces or control characters")
+    # Consumers that read keys as paths (confd's prefixes, CoreDNS's SkyDNS layout) would
+    # read '/a/../b' or '/a//b' as another key than the one written.
+    if any(part in ("", ".", "..") for part in key[1:].split("/")):
+        raise ConfigError(
+            f"--key {shown(key)} has an empty, '.' or '..' segment; consumers that read keys as "
+            "paths would read it as another key"
+        )
     if len(key.encode()) > KEY_LIMIT:
         raise ConfigError(f"--key renders to {len(key.encode())} bytes; at most {KEY_LIMIT}")
     return key
@@ -64,7 +71,7 @@ def render_path(template: str, what: str, **values: str | int) -> str:
     """A file path template with the same placeholders as the key."""
     path = render(template, what, **values)
     if "\0" in path:
-        raise ConfigError(f"{what} {_short(path)} is not a usable path")
+        raise ConfigError(f"{what} {shown(path)} is not a usable path")
     return path
 
 
@@ -73,7 +80,7 @@ def render(template: str, what: str, **values: str | int) -> str:
     try:
         parts = list(string.Formatter().parse(template))
     except ValueError as exc:
-        raise ConfigError(f"{what} {_short(template)} is not a valid template: {exc}") from None
+        raise ConfigError(f"{what} {shown(template)} is not a valid template: {exc}") from None
     out: list[str] = []
     for literal, name, spec, conversion in parts:
         out.append(literal)
@@ -82,14 +89,9 @@ def render(template: str, what: str, **values: str | int) -> str:
         names = " ".join("{" + n + "}" for n in sorted(values))
         if name not in values:
             raise ConfigError(
-                f"{what} {_short(template)} uses unknown placeholder {_short(name)}; known: {names}"
+                f"{what} {shown(template)} uses unknown placeholder {shown(name)}; known: {names}"
             )
         if spec or conversion:
-            raise ConfigError(f"{what} {_short(template)}: placeholders are plain {names}, without ! or :")
+            raise ConfigError(f"{what} {shown(template)}: placeholders are plain {names}, without ! or :")
         out.append(str(values[name]))
     return "".join(out)
-
-
-def _short(text: str) -> str:
-    shown = repr(text)
-    return shown if len(shown) <= 80 else shown[:77] + "..."

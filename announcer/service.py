@@ -75,6 +75,7 @@ class ServiceAgent:
         self.pairs: Pairs = {}  # what should be in etcd now: key -> value
         self.placed: Pairs = {}  # what the registrar last said it holds for us
         self._placed_lease: int | None = None
+        self._rendered: tuple[ServiceConfig, Pairs] | None = None
         self.stale_check = False  # a FAILING verdict asks to look for a crashed agent's record
         self.retired = False  # removed by a reload: withdraw, then forget
         metrics.registered.set_function(lambda: float(self.registered))
@@ -186,10 +187,16 @@ class ServiceAgent:
         # Flap damping holds back a new announcement only: an announced record follows a reload.
         if want and not self.pairs and not self._may_announce(now):
             return
-        pairs: Pairs = {cfg.key: cfg.record.to_json().encode()} if want else {}
+        pairs = self._pairs_of(cfg) if want else {}
         if pairs != self.pairs:
             self.pairs = pairs
             self._wake.set()
+
+    def _pairs_of(self, cfg: ServiceConfig) -> Pairs:
+        """The pairs a passing instance wants, rendered once per configuration, not per round."""
+        if self._rendered is None or self._rendered[0] is not cfg:
+            self._rendered = (cfg, {cfg.key: cfg.record.to_json().encode()})
+        return self._rendered[1]
 
     def _may_announce(self, now: float) -> bool:
         since = self._passing_since if self._passing_since is not None else now

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from announcer.convert import shown
-from announcer.errors import ConfigError
+from announcer.errors import ConfigError, shown
 from announcer.files import read_text_file
 
 ENV_PREFIX = "ANNOUNCER_"

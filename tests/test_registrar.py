@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from announcer.record import Record
-from announcer.registrar import Registrar, Synced
+from announcer.registrar import Registrar, Synced, Write
 from announcer.registrar.etcd_client import EtcdClient, EtcdSettings, EtcdUnavailable, LeaseNotFound
 from tests.memory_store import MemoryStore
 from tests.servers import EtcdServer, Watcher, free_port
@@ -36,9 +36,10 @@ async def test_client_speaks_the_gateway(etcd_any: EtcdServer, client: EtcdClien
     assert only_key is not None
     assert (only_key.key, only_key.value, only_key.lease) == (b"/k", None, lease)
     assert await client.get("/missing") is None
-    assert not await client.delete_if_lease("/k", lease + 1)  # guarded: not ours
+    assert await client.write([Write("/k", None)], lease + 1) == [False]  # guarded: not ours
     assert etcd_any.get("/k") is not None
-    assert await client.delete_if_lease("/k", lease)
+    assert await client.write([Write("/k", b"v")], lease) == [False]  # already in place: no write
+    assert await client.write([Write("/k", None)], lease) == [True]
     assert etcd_any.get("/k") is None
     assert await client.revoke(lease)
     assert await client.keepalive(lease) <= 0  # a lost lease is a 200 without TTL

@@ -277,11 +277,9 @@ class EtcdClient:
                 happened.append(not compares_held if write.is_put else compares_held)
             return happened
 
-        return await self._call("write", "/v3/kv/txn", {"success": ops}, parse)
-
-    async def delete_if_lease(self, key: str, lease: int) -> bool:
-        """Delete ``key`` only while it sits on ``lease``; True when it was deleted."""
-        return await self.txn("delete", Txn([compare_lease(key, lease)], [op_delete(key)]))
+        # Counted as the documented operations: a write that puts is a put, one that only deletes a delete.
+        operation = "put" if any(write.is_put for write in writes) else "delete"
+        return await self._call(operation, "/v3/kv/txn", {"success": ops}, parse)
 
     async def delete_if_revision(self, key: str, revision: int) -> bool:
         """Delete ``key`` only while its mod_revision is ``revision``; True when it was deleted."""
