@@ -45,7 +45,7 @@ CHECK_HELP = (
 )
 # What `check` uses; the rest (etcd, lease, timing, lifecycle) only matter to the running agent.
 CHECK_OPTIONS = frozenset({
-    "service", "port", "ip", "hostname", "key", "meta", "check", "timeout", "config", "json_output",
+    "service", "port", "ip", "hostname", "key", "meta", "check", "interval", "timeout", "config", "json_output",
     "log_format", "log_level", "version", "help",
 })  # fmt: skip
 
@@ -96,7 +96,7 @@ def main_command(
     etcd_password_file: Annotated[Text, typer.Option(metavar="FILE", help="File holding the etcd password (else $ETCDCTL_PASSWORD).")] = None,
     shutdown_timeout: Annotated[Text, typer.Option(metavar=SECONDS, help=f"Bound on the etcd work at shutdown. [default: {_d(C, 'shutdown_timeout')}]")] = None,
     drain: Annotated[Text, typer.Option(metavar=SECONDS, help=f"Stay up this long after the withdraw at SIGTERM, while consumers converge. [default: {_d(S, 'drain')}]")] = None,
-    maintenance_file: Annotated[Text, typer.Option(metavar="PATH", help="While this file exists the record is withdrawn; {service} {port} allowed. [default: none]")] = None,
+    maintenance_file: Annotated[Text, typer.Option(metavar="PATH", help="While this file exists the record is withdrawn; {service} {port} {ip} {hostname} allowed. [default: none]")] = None,
     flap_limit: Annotated[Text, typer.Option(metavar="N/SECONDS", help="At most N announcements per window, e.g. 3/60. [default: off]")] = None,
     metrics_address: Annotated[Text, typer.Option(metavar="HOST:PORT", help="Serve /metrics and /healthz. [default: off]")] = None,
     log_format: Annotated[Text, typer.Option(metavar="auto|json|console", help=f"JSON when stderr is not a terminal. [default: {_d(C, 'log_format')}]")] = None,

@@ -19,8 +19,12 @@ SECTIONS = {
         "SIGTERM, SIGINT and SIGQUIT stop: the records are withdrawn at once, the agent stays up "
         "for --drain seconds, revokes its lease and exits 0; a second signal exits at once with "
         "128+N. SIGHUP re-reads the configuration and applies it without withdrawing. SIGUSR1 logs "
-        "the agent's state. SIGUSR2, SIGALRM, SIGPIPE and the other signals that would end a "
-        "process are ignored."
+        "the agent's state. SIGUSR2, SIGALRM, SIGPIPE, SIGVTALRM, SIGPROF, SIGIO, SIGPWR, SIGXCPU, "
+        "SIGXFSZ, SIGSTKFLT and the real-time signals are ignored. The signals of a real fault "
+        "(SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT, SIGSYS, SIGTRAP) keep their default: the "
+        "process is broken and the lease TTL removes its records. A stop signal sent while "
+        "announcer starts ends in exit 0 with nothing registered; announcer check keeps the "
+        "default action."
     ),
     "EXIT STATUS": (
         "0: stopped by a signal, or (check) every check passed. 1: (check) a check failed. "
