@@ -316,7 +316,7 @@ def startup(mode: Mode) -> Rows:
 
 def scale(mode: Mode) -> Rows:
     """N agents against one etcd: the etcd requests they cause, their CPU and memory."""
-    window = 15.0 if mode.quick else 60.0
+    window = 5.0 if mode.quick else 60.0
     sizes = (1, 10) if mode.quick else (1, 10, 100)
     rows: Rows = []
     with etcd_and_service() as (etcd, service):
@@ -483,7 +483,9 @@ def _host_file(path: Path, etcd: Etcd, name: str, ports: list[int], checks: list
 
 def host(mode: Mode) -> Rows:
     """N services as N sidekick processes against one host-mode process: memory, CPU, etcd load, detection."""
-    window = 15.0 if mode.quick else 60.0
+    # Quick mode (the tests' smoke run) only shows the table is made: short windows.
+    window = 5.0 if mode.quick else 60.0
+    settle = 3.0 if mode.quick else 12.0
     trials = 2 if mode.quick else 8
     shapes = [(10, "sidekicks"), (10, "host"), (50, "host")] if mode.quick else \
         [(100, "sidekicks"), (100, "host"), (1000, "host")]  # fmt: skip
@@ -508,7 +510,7 @@ def host(mode: Mode) -> Rows:
                 try:
                     wait_for(lambda p=f"/services/{name}/", n=n: _registered(etcd, p) == n, 300,
                              f"{n} {shape} to register", poll=0.5)  # fmt: skip
-                    time.sleep(12)  # past the first keepalives
+                    time.sleep(settle)  # past the first keepalives
                     before_requests, before = etcd.grpc_requests(), [proc_stat(a.pid) for a in agents]
                     time.sleep(window)
                     after_requests, after = etcd.grpc_requests(), [proc_stat(a.pid) for a in agents]

@@ -7,12 +7,13 @@ import signal
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from announcer.config import load_config
 from announcer.errors import ConfigError
 from announcer.health import Health
 from announcer.runner import keep_process_settings
-from tests.agent_helpers import AMBIENT, eventually, running
+from tests.agent_helpers import AMBIENT, eventually, keepalives_go_on, running
 from tests.servers import EtcdServer, HttpService, SilentListener, Watcher, announcer_process, wait_until
 from tests.test_process import StderrLog
 
@@ -192,3 +193,33 @@ def test_check_command_checks_every_service(
     assert report["ok"] is False
     assert [s["ok"] for s in report["services"]] == [True, True, False]
     assert [s["key"] for s in report["services"]] == [key(s, f"s{i}") for i, s in enumerate(three)]
+
+
+async def test_many_services_announce_on_one_lease_and_none_drops(etcd: EtcdServer, tmp_path: Path) -> None:
+    # #18, as found: many services in one file at a short TTL; the first pass used to take
+    # longer than the TTL, lose the shared lease and drop every record. Half the services
+    # check etcd's own port (it accepts all), half a port nothing listens on.
+    dead = SilentListener()
+    dead_port = dead.port
+    dead.close()
+    count = 400
+    table = [
+        {"service": "many", "port": 30000 + n, "checks": [f"tcp://127.0.0.1:{etcd.client_port if n % 2 == 0 else dead_port}"],
+         "interval": 1, "timeout": 0.5}
+        for n in range(count)
+    ]  # fmt: skip
+    path = host_file(tmp_path / "many.toml", etcd, table, rise=1, fall=1)
+    watcher = Watcher(etcd, "/services/many/")
+    with capture_logs() as logs:
+        async with running(load(path)) as agent:
+            await eventually(
+                lambda: len(etcd.range_prefix("/services/many/")) == count // 2, what="the live half"
+            )
+            lease = agent.registrar.lease
+            await keepalives_go_on(agent, 6)  # two TTLs more
+            assert {kv["lease"] for kv in etcd.range_prefix("/services/many/")} == {lease}
+    watcher.close()
+    assert [e["event"] for e in logs].count("lease granted") == 1
+    assert not [e for e in logs if e["event"] in ("lease lost", "record missing, putting it back")]
+    deletes_before_stop = [e for e in watcher.events if e.get("type") == "DELETE"][: -(count // 2)]
+    assert deletes_before_stop == []
