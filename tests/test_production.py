@@ -43,7 +43,7 @@ async def test_failover_keeps_the_lease_and_the_record(
     config = agent_config(etcd_cluster.endpoints, http_service.port, ttl="3")
     async with running(config) as agent:
         await eventually(lambda: agent.registered, what="announce")
-        client = agent.registrar.client  # type: ignore[attr-defined]  # the edge's etcd client
+        client = agent.registrar.store  # the edge's etcd client
         talking_to = etcd_cluster.member_at(client.endpoint)
         observer = etcd_cluster.any_up(but=talking_to)
         kv = observer.get(key)
