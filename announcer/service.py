@@ -257,10 +257,11 @@ class ServiceAgent:
 
     async def remove_stale(self) -> None:
         """Our checks say FAILING: a record on another lease (a crashed agent's) must go too."""
-        self.stale_check = False
         if self.status.health is not Health.FAILING or self.pairs:
+            self.stale_check = False
             return
         foreign = await self._registrar.remove_stale(self.config.key)
+        self.stale_check = False  # only now is the look done: until then a retry must still make it
         if foreign is not None:
             self.metrics.stale_removed.inc()
             log.warning(

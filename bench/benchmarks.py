@@ -316,7 +316,7 @@ def startup(mode: Mode) -> Rows:
 
 def scale(mode: Mode) -> Rows:
     """N agents against one etcd: the etcd requests they cause, their CPU and memory."""
-    window = 5.0 if mode.quick else 60.0
+    window = 15.0 if mode.quick else 60.0  # a keepalive every 10 s at the default TTL: see one
     sizes = (1, 10) if mode.quick else (1, 10, 100)
     rows: Rows = []
     with etcd_and_service() as (etcd, service):
