@@ -90,10 +90,6 @@ class ServiceAgent:
         now = time.monotonic()
         return bool(self.placed) and all(self._registrar.holds(key, now) for key in self.placed)
 
-    @property
-    def label(self) -> str:
-        return self.config.label
-
     def details(self) -> dict[str, object]:
         return {
             "service": self.config.service, "port": self.config.port, "state": self.status.health.value,
