@@ -44,17 +44,9 @@ from announcer.settings import (
     ServiceConfig,
     default,
 )
-from announcer.sources import (
-    ENV_PREFIX,
-    FILE_KEYS,
-    Ambient,
-    ambient_layer,
-    env_layer,
-    primary_ipv4,
-    read_file,
-)
+from announcer.sources import Ambient, ambient_layer, env_layer, primary_ipv4, read_file
 
-__all__ = ["FILE_KEYS", "Ambient", "Config", "ServiceConfig", "load_config", "primary_ipv4"]
+__all__ = ["Ambient", "Config", "ServiceConfig", "load_config", "primary_ipv4"]
 
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -100,14 +92,17 @@ def _merged_meta(layers: list[Layer]) -> dict[str, str]:
 
 
 def _load(flags: Mapping[str, Any], env: Mapping[str, str], ambient: Ambient) -> Config:
-    config_path = flags.get("config") or env.get(ENV_PREFIX + "CONFIG")
+    given = {k: v for k, v in flags.items() if v is not None and v != []}
+    from_env = env_layer(env)
+    flag_path, env_path = given.pop("config", None), from_env.pop("config", None)
+    config_path = flag_path if flag_path is not None else env_path
     if config_path is not None:
         config_path = text("config", config_path)
     file_layer = read_file(config_path) if config_path else {}
     tables: list[dict[str, Any]] | None = file_layer.pop("services", None)
     layers: list[Layer] = [
-        {k: v for k, v in flags.items() if v is not None and v != [] and k != "config"},
-        env_layer(env),
+        given,
+        from_env,
         file_layer,
         ambient_layer(env),
     ]
@@ -217,7 +212,9 @@ def _etcd_settings(pick: Picker, env: Mapping[str, str], ttl: int) -> EtcdSettin
     # still lands before the lease runs out: endpoints x deadline <= TTL/3.
     budget = ttl / 3 / len(urls)
     timeout = (
-        seconds("etcd_timeout", explicit_timeout) if explicit_timeout is not None else min(2.0, budget / 2)
+        seconds("etcd_timeout", explicit_timeout)
+        if explicit_timeout is not None
+        else min(default(EtcdSettings, "timeout"), budget / 2)
     )
     if timeout > budget:
         raise ConfigError(

@@ -20,6 +20,7 @@ from typing import Any
 
 import structlog
 
+from announcer import settings
 from announcer.agent import Agent
 from announcer.checks import CheckResult
 from announcer.checks.rounds import run_round
@@ -132,16 +133,17 @@ def _ignore(signum: int) -> None:
     log.debug("signal ignored", signal=signum)
 
 
-# Settings a running process cannot change: they shape the etcd client, the lease, the
-# listening socket and the log output. A reload that changes them says so and keeps them.
-PROCESS_SETTINGS = ("etcd", "ttl", "metrics_address", "log_format", "log_level")
-
-
 def keep_process_settings(old: Config, new: Config) -> Config:
-    changed = [name for name in PROCESS_SETTINGS if getattr(old, name) != getattr(new, name)]
+    """``new`` with what a running process cannot change kept from ``old``.
+
+    Those settings (the table's ``restart``) shape the etcd client, the lease, the
+    listening socket and the log output; a reload that changes them says so and keeps them.
+    """
+    kept = dict.fromkeys(s.restart for s in settings.SETTINGS if s.restart is not None)
+    changed = [name for name in kept if getattr(old, name) != getattr(new, name)]
     if changed:
         log.warning("reload: these settings take effect only at a restart", settings=changed)
-    return replace(new, **{name: getattr(old, name) for name in PROCESS_SETTINGS})
+    return replace(new, **{name: getattr(old, name) for name in kept})
 
 
 def _publish_address(listen: socket.socket) -> None:

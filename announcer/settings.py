@@ -1,13 +1,15 @@
-"""The frozen settings: what a configuration is, once it has been read and checked.
+"""The frozen settings, and the one table that names every setting.
 
+What a configuration is once it has been read and checked (`Config`,
+`ServiceConfig`, `EtcdSettings`), and how each setting is given (`SETTINGS`).
 Data sits low: this module imports no client, no check and no source; the etcd
-client and the config loader both import from here. Each default lives in one
-place, the field it belongs to.
+client, the config loader and the CLI all import from here. Each default lives in
+one place, the field it belongs to; the table reads it from there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -98,19 +100,8 @@ class Config:
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
-    def keepalive_period(self) -> float:
-        """A keepalive about every TTL/3: two can fail before the lease runs out."""
-        return self.ttl / 3
-
-    @property
     def drain(self) -> float:
         return max((s.drain for s in self.services), default=0.0)
-
-    def changed_fields(self, old: Config) -> Iterator[str]:
-        """The process-wide settings that differ from ``old``."""
-        for f in fields(self):
-            if f.name not in ("services", "warnings") and getattr(self, f.name) != getattr(old, f.name):
-                yield f.name
 
 
 def default(cls: type[Any], name: str) -> Any:
@@ -120,3 +111,115 @@ def default(cls: type[Any], name: str) -> Any:
         return found.default
     assert found.default_factory is not MISSING
     return found.default_factory()
+
+
+# The table of settings. Each setting is written here once; the CLI's options (and
+# `check --help`), the TOML keys a file and a [[services]] table may hold, the
+# ANNOUNCER_* names, what a reload may change and the man page are derived from it.
+# Adding a setting is one entry here plus what it does (its conversion in config.py).
+
+SERVICE, PROCESS = "service", "process"
+_NUMBER = (int, float, str)  # what a number may be in the file; converted and checked after
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its name (the TOML key, underscores), how it is given, what it reaches."""
+
+    name: str
+    metavar: str
+    help: str  # one line; the default is added from ``shown_default``
+    scope: str = PROCESS  # SERVICE: a [[services]] table may set it; PROCESS: the top level only
+    types: tuple[type, ...] = (str,)  # what a TOML value may be
+    shown_default: str | None = None  # the help's "[default: ...]"
+    # The Config attribute a running process keeps until a restart (a reload says so);
+    # None: a reload applies it.
+    restart: str | None = None
+    in_check: bool = False  # `announcer check` uses it
+    repeatable: bool = False  # a flag given many times (a list)
+    switch: bool = False  # a flag without a value
+    option: str | None = None  # the flag's and variable's name when it is not ``name``
+    in_file: bool = True  # a TOML key
+    in_env: bool = True  # an ANNOUNCER_* variable
+
+    @property
+    def flag(self) -> str:
+        return "--" + (self.option or self.name).replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + (self.option or self.name).upper()
+
+    @property
+    def help_line(self) -> str:
+        return f"{self.help} [default: {self.shown_default}]" if self.shown_default else self.help
+
+
+ENV_PREFIX = "ANNOUNCER_"
+
+
+def _shown(cls: type[Any], name: str) -> str:
+    """A default as help and docs show it, read from the field that holds it."""
+    value = default(cls, name)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _settings() -> tuple[Setting, ...]:
+    S, C = ServiceConfig, Config
+    secs, integer = "SECONDS", "INTEGER"
+    etcd = "etcd"
+    return (
+        Setting("service", "NAME", "Service name, part of the key. [required]", SERVICE, in_check=True),
+        Setting("port", integer, "Announced port, 1-65535. [required]", SERVICE, _NUMBER, in_check=True),
+        Setting("ip", "IPV4", "Announced IPv4.", SERVICE, in_check=True,
+                shown_default="$COREOS_PUBLIC_IPV4, $COREOS_PRIVATE_IPV4, the default route's address"),
+        Setting("hostname", "TEXT", "The record's host field.", SERVICE, in_check=True,
+                shown_default="the host name"),
+        Setting("key", "TEMPLATE", "Key template with {service} {ip} {port} {hostname}.", SERVICE,
+                in_check=True, shown_default=DEFAULT_KEY),
+        Setting("meta", "KEY=VALUE", "Extra record field, repeatable.", SERVICE, (dict, list, str),
+                in_check=True, repeatable=True),
+        Setting("checks", "SPEC", "Health check, repeatable; all must pass. Kinds: {kinds}. 'http', "
+                "'tcp', 'grpc' alone mean the announced ip:port; {ip} and {port} are filled in.",
+                SERVICE, (list, str), shown_default=DEFAULT_CHECK, in_check=True, repeatable=True,
+                option="check"),
+        Setting("interval", secs, "Seconds between check rounds.", SERVICE, _NUMBER,
+                _shown(S, "interval"), in_check=True),
+        Setting("timeout", secs, "Per-check time limit, below --interval.", SERVICE, _NUMBER,
+                _shown(S, "timeout"), in_check=True),
+        Setting("rise", integer, "Passing rounds before announcing.", SERVICE, _NUMBER, _shown(S, "rise")),
+        Setting("fall", integer, "Failing rounds before withdrawing.", SERVICE, _NUMBER, _shown(S, "fall")),
+        Setting("ttl", secs, "Lease TTL, at least 3.", PROCESS, _NUMBER, _shown(C, "ttl"), restart="ttl"),
+        Setting("etcd_endpoints", "URLS", "Comma-separated etcd URLs.", PROCESS, (list, str),
+                f"$ETCDCTL_ENDPOINTS, {DEFAULT_ENDPOINT}", restart=etcd),
+        Setting("etcd_timeout", secs, "Deadline of one whole etcd request.", PROCESS, _NUMBER,
+                f"min({_shown(EtcdSettings, 'timeout')}, TTL/6)", restart=etcd),
+        Setting("etcd_cacert", "FILE", "CA bundle for etcd TLS.", shown_default="$ETCDCTL_CACERT",
+                restart=etcd),
+        Setting("etcd_cert", "FILE", "Client certificate.", shown_default="$ETCDCTL_CERT", restart=etcd),
+        Setting("etcd_key", "FILE", "Client key.", shown_default="$ETCDCTL_KEY", restart=etcd),
+        Setting("etcd_user", "USER[:PASSWORD]", "etcd user.", shown_default="$ETCDCTL_USER", restart=etcd),
+        Setting("etcd_password_file", "FILE", "File holding the etcd password (else $ETCDCTL_PASSWORD).",
+                restart=etcd),
+        Setting("shutdown_timeout", secs, "Bound on the etcd work at shutdown.", PROCESS, _NUMBER,
+                _shown(C, "shutdown_timeout")),
+        Setting("drain", secs, "Stay up this long after the withdraw at SIGTERM, while consumers "
+                "converge.", SERVICE, _NUMBER, _shown(S, "drain")),
+        Setting("maintenance_file", "PATH", "While this file exists the record is withdrawn; {service} "
+                "{port} {ip} {hostname} allowed.", SERVICE, shown_default="none"),
+        Setting("flap_limit", "N/SECONDS", "At most N announcements per window, e.g. 3/60.", SERVICE,
+                shown_default="off"),
+        Setting("metrics_address", "HOST:PORT", "Serve /metrics and /healthz.", shown_default="off",
+                restart="metrics_address"),
+        Setting("log_format", "auto|json|console", "JSON when stderr is not a terminal.",
+                shown_default=_shown(C, "log_format"), restart="log_format", in_check=True),
+        Setting("log_level", "debug|info|warning|error", "How much is logged.",
+                shown_default=_shown(C, "log_level"), restart="log_level", in_check=True),
+        Setting("config", "FILE", "TOML file with any of these settings, or many [[services]].",
+                in_check=True, in_file=False),
+        Setting("json", "", "check: print one JSON document.", in_check=True, switch=True,
+                in_file=False, in_env=False),
+    )  # fmt: skip
+
+
+SETTINGS: tuple[Setting, ...] = _settings()

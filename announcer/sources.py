@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from announcer import settings
 from announcer.errors import ConfigError, shown
 from announcer.files import read_text_file
-
-ENV_PREFIX = "ANNOUNCER_"
 
 
 def primary_ipv4() -> str:
@@ -36,28 +35,16 @@ def primary_ipv4() -> str:
         raise ConfigError("cannot find this host's IPv4 address; pass --ip") from None
 
 
-FILE_KEYS = frozenset({
-    "service", "port", "ip", "hostname", "key", "meta", "checks", "interval", "timeout",
-    "rise", "fall", "ttl", "etcd_endpoints", "etcd_timeout", "etcd_cacert", "etcd_cert",
-    "etcd_key", "etcd_user", "etcd_password_file", "shutdown_timeout", "log_format",
-    "log_level", "metrics_address", "drain", "maintenance_file", "flap_limit",
-})  # fmt: skip
-# What a value in the file may be; everything is checked again when it is converted.
-_NUMBER = (int, float, str)
-FILE_TYPES: dict[str, tuple[type, ...]] = {
-    **dict.fromkeys(FILE_KEYS, (str,)),
-    **dict.fromkeys(("port", "interval", "timeout", "rise", "fall", "ttl", "etcd_timeout",
-                     "shutdown_timeout", "drain"), _NUMBER),
-    "meta": (dict, list, str), "checks": (list, str), "etcd_endpoints": (list, str),
-    "flap_limit": (str,),
-}  # fmt: skip
+def file_types() -> dict[str, tuple[type, ...]]:
+    """Every TOML key of the top level, and what its value may be (checked again when converted)."""
+    return {s.name: s.types for s in settings.SETTINGS if s.in_file}
 
 
-# Settings a service of a host file may set for itself; the rest are the process's.
-SERVICE_KEYS = frozenset({
-    "service", "port", "ip", "hostname", "key", "meta", "checks", "interval", "timeout", "rise",
-    "fall", "drain", "maintenance_file", "flap_limit",
-})  # fmt: skip
+def service_keys() -> frozenset[str]:
+    """The keys a [[services]] table may set for itself; the rest are the process's."""
+    return frozenset(s.name for s in settings.SETTINGS if s.in_file and s.scope == settings.SERVICE)
+
+
 SERVICES_LIMIT = 10_000
 
 
@@ -71,32 +58,35 @@ def read_file(path: str) -> dict[str, Any]:
     except RecursionError:
         raise ConfigError(f"config file {path} is nested too deeply") from None
     services = data.pop("services", None)
-    _check_table(path, data, FILE_KEYS, "")
+    types = file_types()
+    _check_table(path, data, types, frozenset(types), "")
     if services is not None:
         if not isinstance(services, list) or not all(isinstance(t, dict) for t in services):
             raise ConfigError(f"config file {path}: services must be [[services]] tables")
         if not services or len(services) > SERVICES_LIMIT:
             raise ConfigError(f"config file {path}: [[services]] must hold 1 to {SERVICES_LIMIT} tables")
         for number, table in enumerate(services, 1):
-            _check_table(path, table, SERVICE_KEYS, f"[[services]] #{number}: ")
+            _check_table(path, table, types, service_keys(), f"[[services]] #{number}: ")
         data["services"] = services
     return data
 
 
-def _check_table(path: str, table: dict[str, Any], allowed: frozenset[str], where: str) -> None:
+def _check_table(
+    path: str, table: dict[str, Any], types: dict[str, tuple[type, ...]], allowed: frozenset[str], where: str
+) -> None:
     if "check" in table and "checks" not in table:
         table["checks"] = table.pop("check")
     unknown = sorted(set(table) - allowed)
     if unknown:
-        process_wide = [u for u in unknown if u in FILE_KEYS]
+        process_wide = [u for u in unknown if u in types]
         if process_wide:
             names = ", ".join(process_wide)
             raise ConfigError(f"config file {path}: {where}{names} is process-wide; set it at the top level")
         names = ", ".join(shown(u) for u in unknown)
         raise ConfigError(f"config file {path}: {where}unknown setting(s) {names}")
     for name, value in table.items():
-        if not isinstance(value, FILE_TYPES[name]) or isinstance(value, bool):
-            wanted = " or ".join(_TYPE_NAMES[t] for t in FILE_TYPES[name])
+        if not isinstance(value, types[name]) or isinstance(value, bool):
+            wanted = " or ".join(_TYPE_NAMES[t] for t in types[name])
             raise ConfigError(f"config file {path}: {where}{name} must be {wanted}, got {shown(value)}")
 
 
@@ -104,12 +94,8 @@ _TYPE_NAMES = {str: "a string", int: "a whole number", float: "a number", dict: 
 
 
 def env_layer(env: Mapping[str, str]) -> dict[str, Any]:
-    layer: dict[str, Any] = {}
-    for name in FILE_KEYS:
-        env_name = ENV_PREFIX + ("CHECK" if name == "checks" else name.upper())
-        if env.get(env_name, "").strip():
-            layer[name] = env[env_name]
-    return layer
+    """The settings given as ANNOUNCER_* variables (the file's path among them)."""
+    return {s.name: env[s.env] for s in settings.SETTINGS if s.in_env and env.get(s.env, "").strip()}
 
 
 def ambient_layer(env: Mapping[str, str]) -> dict[str, Any]:

@@ -20,8 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from announcer.cli import main
-from announcer.config import FILE_KEYS, Ambient, Config, ServiceConfig, load_config
+from announcer.config import Ambient, Config, ServiceConfig, load_config
 from announcer.errors import ConfigError
+from announcer.settings import SETTINGS
 
 AMBIENT = Ambient(hostname=lambda: "node-1", ip=lambda: "127.0.0.1")
 WEB = {"service": "web", "port": "8080", "ip": "127.0.0.1"}
@@ -206,10 +207,13 @@ def test_any_flags_load_or_are_refused_in_one_line(flags: dict[str, Any]) -> Non
     _load_or_refuse(flags)
 
 
+FILE_KEYS = sorted(s.name for s in SETTINGS if s.in_file)
+ENV_NAMES = sorted(s.env for s in SETTINGS if s.in_env and s.name != "config")
+
+
 @settings(max_examples=200, deadline=None)
-@given(st.dictionaries(st.sampled_from(sorted(FILE_KEYS)), VALUE, max_size=6))
-def test_any_environment_loads_or_is_refused(env_values: dict[str, str]) -> None:
-    env = {"ANNOUNCER_" + ("CHECK" if k == "checks" else k.upper()): v for k, v in env_values.items()}
+@given(st.dictionaries(st.sampled_from(ENV_NAMES), VALUE, max_size=6))
+def test_any_environment_loads_or_is_refused(env: dict[str, str]) -> None:
     _load_or_refuse({"service": "web", "port": "80"}, env)
 
 
@@ -221,7 +225,7 @@ TOML_VALUE = st.one_of(
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    st.dictionaries(st.sampled_from(sorted(FILE_KEYS)), TOML_VALUE, max_size=6),
+    st.dictionaries(st.sampled_from(FILE_KEYS), TOML_VALUE, max_size=6),
     st.binary(max_size=60),
 )
 def test_any_toml_file_loads_or_is_refused(
