@@ -229,3 +229,25 @@ def _server_files(tls: dict[str, Path | bytes], folder: Path) -> tuple[str, str]
     chain.write_bytes(tls["chain"])  # type: ignore[arg-type]
     key.write_bytes(tls["key"])  # type: ignore[arg-type]
     return str(chain), str(key)
+
+
+def test_a_failed_grpcs_handshake_prints_only_announcers_own_lines(
+    tls: dict[str, Path | bytes], tmp_path: Path
+) -> None:
+    # grpc's C core logs a failed handshake itself ("I1202 12:00:00 ... Handshake failed")
+    # to stderr; announcer's stderr is its structured log and nothing else.
+    server = GrpcServer(tls=(tls["key"], tls["chain"]))  # type: ignore[arg-type]
+    config = tmp_path / "grpcs.toml"
+    config.write_text(
+        f'service = "web"\nport = {server.port}\nip = "127.0.0.1"\n'
+        f'[[checks]]\nspec = "grpcs"\nca_file = "{tls["other"]}"\n'
+    )
+    try:
+        with announcer_process("check", "--config", str(config)) as process:
+            out, err = process.communicate(timeout=60)
+    finally:
+        server.close()
+    assert process.returncode == 1
+    assert "FAIL  grpcs://" in out
+    foreign = [line for line in err.splitlines() if not line.startswith("{")]
+    assert foreign == []

@@ -48,7 +48,7 @@ def test_the_table_names_each_setting_once() -> None:
     assert len(set(names)) == len(names)
     assert len(set(flags)) == len(flags)
     assert len(set(envs)) == len(envs)
-    assert {s.restart for s in SETTINGS if s.restart} <= {f for f in settings.Config.__dataclass_fields__}
+    assert {s.restart for s in SETTINGS if s.restart} <= set(settings.Config.__dataclass_fields__)
 
 
 def test_a_reload_keeps_the_settings_only_a_restart_changes() -> None:

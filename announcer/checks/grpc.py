@@ -13,11 +13,17 @@ check's options: ``ca_file``, ``verify`` and a client certificate
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Self
 from urllib.parse import unquote
+
+# grpc's C core logs on its own to stderr (a failed handshake is "I1202 ... Handshake
+# failed"), beside announcer's structured log; each failure is already in the check's
+# result. Read once, when grpc loads; an operator's own GRPC_VERBOSITY wins.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import grpc
 import grpc.aio
