@@ -6,7 +6,10 @@ cd "$(dirname "$0")"
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+# What the tests run on is pinned with hashes (requirements/test.txt, made by scripts/lock.sh
+# from pyproject.toml); announcer itself goes in editable, its dependencies already there.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements/test.txt
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
 # The database checks' tests need this machine's PostgreSQL, MariaDB and Redis up, and
 # PostgreSQL checking the test role's password; as root, make it so (idempotent).
 # The image test needs podman and a local Debian base image (no registry is reachable here).
