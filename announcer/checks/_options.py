@@ -65,6 +65,13 @@ class Options:
             raise self._wrong(name, "a string")
         return value
 
+    def choice(self, name: str, choices: tuple[str, ...]) -> str | None:
+        """A string option that must be one of ``choices``, or None when not set."""
+        value = self.string(name)
+        if value is not None and value not in choices:
+            raise ConfigError(f"{self._kind} check {name} {value!r} is not one of {', '.join(choices)}")
+        return value
+
     def boolean(self, name: str, default: bool) -> bool:
         value = self._take(name)
         if value is None:

@@ -16,7 +16,6 @@ import asyncpg
 from announcer.checks import CheckResult
 from announcer.checks._options import Options, tls_context
 from announcer.checks._url import UrlCheck, resolve_password, split_url
-from announcer.errors import ConfigError
 
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
@@ -31,14 +30,11 @@ class PostgresCheck(UrlCheck):
     def from_spec(cls, spec: str, options: Mapping[str, Any]) -> Self:
         parts = split_url("postgresql", spec, "postgresql://user@host:port/db")
         opts = Options("postgresql", options)
-        sslmode = opts.string("sslmode")
-        if sslmode is not None and sslmode not in SSLMODES:
-            raise ConfigError(f"postgresql check sslmode {sslmode!r} is not one of {', '.join(SSLMODES)}")
         check = cls(
             url=spec,
             password=resolve_password(parts, opts, "PGPASSWORD"),
             query=opts.string("query") or "SELECT 1",
-            sslmode=sslmode,
+            sslmode=opts.choice("sslmode", SSLMODES),
             ca_file=opts.readable_file("ca_file"),
         )
         opts.done()

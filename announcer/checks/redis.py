@@ -16,7 +16,6 @@ import redis.exceptions
 from announcer.checks import CheckResult
 from announcer.checks._options import Options
 from announcer.checks._url import UrlCheck, resolve_password, split_url
-from announcer.errors import ConfigError
 
 ROLES = ("master", "slave", "replica", "sentinel")
 
@@ -31,9 +30,7 @@ class RedisCheck(UrlCheck):
     def from_spec(cls, spec: str, options: Mapping[str, Any]) -> Self:
         parts = split_url("redis", spec, "redis://[user@]host:port/db")
         opts = Options("redis", options)
-        role = opts.string("role")
-        if role is not None and role not in ROLES:
-            raise ConfigError(f"redis check role {role!r} is not one of {', '.join(ROLES)}")
+        role = opts.choice("role", ROLES)
         check = cls(
             url=spec,
             password=resolve_password(parts, opts, "REDISCLI_AUTH"),
