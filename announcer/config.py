@@ -30,11 +30,13 @@ from announcer.convert import (
     ipv4,
     meta,
     seconds,
+    string_list,
     text,
 )
 from announcer.errors import ConfigError
 from announcer.files import collect_warnings, collected_warnings, read_secret_file, read_small_file
-from announcer.record import Record, render_key, render_path
+from announcer.publish import FORMATS, TRAEFIK_SCHEMES, Pair, Publishing, render_pairs
+from announcer.record import Record, render, render_key, render_path
 from announcer.settings import (
     DEFAULT_CHECK,
     DEFAULT_ENDPOINT,
@@ -109,7 +111,9 @@ def _load(flags: Mapping[str, Any], env: Mapping[str, str], ambient: Ambient) ->
     pick = _picker(layers)
     ttl = integer("ttl", pick("ttl", default(Config, "ttl")), 3, TTL_LIMIT)
     service_layers = [layers] if tables is None else [[table, *layers] for table in tables]
-    services = tuple(_build_service(svc, ambient, number) for number, svc in enumerate(service_layers, 1))
+    services = tuple(
+        _build_service(svc, ambient, number, ttl) for number, svc in enumerate(service_layers, 1)
+    )
     _no_shared_keys(services)
     return Config(
         services=services,
@@ -124,7 +128,7 @@ def _load(flags: Mapping[str, Any], env: Mapping[str, str], ambient: Ambient) ->
     )
 
 
-def _build_service(layers: list[Layer], ambient: Ambient, number: int) -> ServiceConfig:
+def _build_service(layers: list[Layer], ambient: Ambient, number: int, ttl: int) -> ServiceConfig:
     pick = _picker(layers)
     where = f" (for [[services]] #{number})" if len(layers) > 4 else ""
     raw_service = pick("service")
@@ -152,23 +156,25 @@ def _build_service(layers: list[Layer], ambient: Ambient, number: int) -> Servic
             f"--timeout ({timeout:g}s) must be below --interval ({interval:g}s), "
             f"or a hanging check would delay the next round{where}"
         )
-    key = render_key(
-        text("key", pick("key", DEFAULT_KEY)), service=service, ip=ip, port=port, hostname=hostname
-    )
+    publishing = _publishing(pick)
+    names: dict[str, str | int] = {"service": service, "ip": ip, "port": port, "hostname": hostname}
+    instance = render(publishing.instance, "--instance", **names)
+    key = render_key(text("key", pick("key", DEFAULT_KEY)), {**names, "instance": instance})
     entries = check_entries(pick("checks", [DEFAULT_CHECK]))
     if not entries:
         raise ConfigError(f"at least one --check is needed{where}")
     checks = tuple(build_check(expand_spec(spec, ip, port), options) for spec, options in entries)
     record_meta = _merged_meta(layers)
-    Record(hostname, ip, port, record_meta).check_size()
+    record = Record(hostname, ip, port, record_meta)
+    record.check_size()
+    pairs = render_pairs(record, service=service, json_key=key, publishing=publishing, lease_ttl=ttl)
+    _no_shared_keys_within(pairs, f"{service}:{port}")
     raw_maintenance = pick("maintenance_file")
-    names: dict[str, str | int] = {"service": service, "ip": ip, "port": port, "hostname": hostname}
     return ServiceConfig(
         service=service,
         port=port,
         ip=ip,
         hostname=hostname,
-        key=key,
         meta=record_meta,
         checks=checks,
         interval=interval,
@@ -182,18 +188,65 @@ def _build_service(layers: list[Layer], ambient: Ambient, number: int) -> Servic
             else None
         ),
         flap_limit=flap_limit(pick("flap_limit")),
+        publishing=publishing,
+        pairs=pairs,
+        key=pairs[0].key,
     )
 
 
-def _no_shared_keys(services: tuple[ServiceConfig, ...]) -> None:
-    seen: dict[str, ServiceConfig] = {}
-    for svc in services:
-        other = seen.setdefault(svc.key, svc)
-        if other is not svc:
+def _publishing(pick: Picker) -> Publishing:
+    """How a service publishes: its formats, and each format's own settings."""
+
+    def own(name: str) -> Any:
+        return pick(name, default(Publishing, name))
+
+    raw = pick("publish", default(Publishing, "formats"))
+    # Given as a list (flags, TOML) or one string (ANNOUNCER_PUBLISH), each item may list several.
+    joined = ",".join(raw) if isinstance(raw, list | tuple) and all(isinstance(r, str) for r in raw) else raw
+    names = string_list("publish", joined, r"[,\s]+")
+    formats = tuple(dict.fromkeys(choice("publish", name, FORMATS) for name in names))
+    if not formats:
+        raise ConfigError(f"--publish must name at least one of {', '.join(FORMATS)}")
+
+    def optional(name: str, low: int, high: int) -> int | None:
+        raw = pick(name)
+        return None if raw is None else integer(name, raw, low, high)
+
+    return Publishing(
+        formats=formats,
+        instance=text("instance", own("instance")),
+        plain_key=text("plain_key", own("plain_key")),
+        traefik_root=text("traefik_root", own("traefik_root")),
+        traefik_scheme=choice("traefik_scheme", own("traefik_scheme"), TRAEFIK_SCHEMES),
+        skydns_prefix=text("skydns_prefix", own("skydns_prefix")),
+        skydns_zone=text("skydns_zone", own("skydns_zone")),
+        skydns_ttl=optional("skydns_ttl", 0, 2**31 - 1),
+        skydns_priority=optional("skydns_priority", 0, 65535),
+        skydns_weight=optional("skydns_weight", 0, 65535),
+    )
+
+
+def _no_shared_keys_within(pairs: tuple[Pair, ...], label: str) -> None:
+    seen: dict[str, Pair] = {}
+    for pair in pairs:
+        other = seen.setdefault(pair.key, pair)
+        if other is not pair:
             raise ConfigError(
-                f"services {other.label} and {svc.label} both render the key {svc.key}; "
+                f"{label}: the {other.format} and {pair.format} formats both render the key {pair.key}; "
                 "give one a key of its own"
             )
+
+
+def _no_shared_keys(services: tuple[ServiceConfig, ...]) -> None:
+    seen: dict[str, tuple[ServiceConfig, Pair]] = {}
+    for svc in services:
+        for pair in svc.pairs:
+            other, other_pair = seen.setdefault(pair.key, (svc, pair))
+            if other is not svc:
+                raise ConfigError(
+                    f"services {other.label} ({other_pair.format}) and {svc.label} ({pair.format}) both "
+                    f"render the key {pair.key}; give one a key of its own"
+                )
 
 
 def _path(name: str, value: Any) -> Path | None:

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from announcer.errors import ConfigError, shown
 
 RESERVED_FIELDS = frozenset({"host", "ipv4_addr", "port"})
-KEY_PLACEHOLDERS = frozenset({"service", "ip", "port", "hostname"})
 KEY_LIMIT = 1024  # bytes of a rendered key
 RECORD_LIMIT = 8192  # bytes of a record's JSON: consumers template it, keep it small
 META_NAME_LIMIT = 128
@@ -44,26 +43,30 @@ class Record:
             )
 
 
-def render_key(template: str, *, service: str, ip: str, port: int, hostname: str) -> str:
-    """Fill ``{service} {ip} {port} {hostname}``; the result must be a usable etcd key.
+def render_key(
+    template: str, values: Mapping[str, str | int], what: str = "--key", *, rooted: bool = True
+) -> str:
+    """Fill the template's placeholders; the result must be a usable etcd key.
 
-    A key starts with '/', names something below it, holds printable text only and
-    fits in KEY_LIMIT bytes: consumers list keys under a prefix and split them on '/'.
+    A key names something below the root, holds printable text only and fits in
+    KEY_LIMIT bytes: consumers list keys under a prefix and split them on '/'. It starts
+    with '/' unless ``rooted`` is False (Traefik reads ``traefik/...``, without one).
     """
-    key = render(template, "--key", service=service, ip=ip, port=port, hostname=hostname)
-    if not key.startswith("/") or not key.strip("/"):
-        raise ConfigError(f"--key {shown(key)} must start with '/' and name something below it")
+    key = render(template, what, **values)
+    if (rooted and not key.startswith("/")) or not key.strip("/"):
+        raise ConfigError(f"{what} {shown(key)} must start with '/' and name something below it")
     if not key.isprintable() or any(c.isspace() for c in key):
-        raise ConfigError(f"--key {shown(key)} may hold no spaces or control characters")
+        raise ConfigError(f"{what} {shown(key)} may hold no spaces or control characters")
     # Consumers that read keys as paths (confd's prefixes, CoreDNS's SkyDNS layout) would
     # read '/a/../b' or '/a//b' as another key than the one written.
-    if any(part in ("", ".", "..") for part in key[1:].split("/")):
+    segments = key[1:] if key.startswith("/") else key
+    if any(part in ("", ".", "..") for part in segments.split("/")):
         raise ConfigError(
-            f"--key {shown(key)} has an empty, '.' or '..' segment; consumers that read keys as "
+            f"{what} {shown(key)} has an empty, '.' or '..' segment; consumers that read keys as "
             "paths would read it as another key"
         )
     if len(key.encode()) > KEY_LIMIT:
-        raise ConfigError(f"--key renders to {len(key.encode())} bytes; at most {KEY_LIMIT}")
+        raise ConfigError(f"{what} renders to {len(key.encode())} bytes; at most {KEY_LIMIT}")
     return key
 
 

@@ -195,6 +195,9 @@ def _report(svc: ServiceConfig, results: list[CheckResult]) -> dict[str, Any]:
         ],
         "key": svc.key,
         "record": json.loads(svc.record.to_json()),
+        "pairs": [
+            {"format": p.format, "key": p.key, "value": p.value.decode("utf-8", "replace")} for p in svc.pairs
+        ],
     }
 
 
@@ -204,7 +207,11 @@ def _text_report(report: dict[str, Any]) -> str:
         f"{'PASS' if c['ok'] else 'FAIL'}  {c['name']:<{width}}  {c['duration_ms']:8.1f} ms  {c['detail']}"
         for c in report["checks"]
     ]
-    record = json.dumps(report["record"], separators=(",", ":"), ensure_ascii=False)
-    lines += [f"key:    {report['key']}", f"record: {record}"]
+    if [p["format"] for p in report["pairs"]] == ["json"]:  # the classic sidekick: as it always read
+        record = json.dumps(report["record"], separators=(",", ":"), ensure_ascii=False)
+        lines += [f"key:    {report['key']}", f"record: {record}"]
+    else:
+        width = max(len(p["format"]) for p in report["pairs"])
+        lines += [f"{p['format'] + ':':<{width + 1}} {p['key']} = {p['value']}" for p in report["pairs"]]
     lines.append("would announce" if report["ok"] else "would NOT announce (a check failed)")
     return "\n".join(lines) + "\n"

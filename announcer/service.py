@@ -191,7 +191,7 @@ class ServiceAgent:
     def _pairs_of(self, cfg: ServiceConfig) -> Pairs:
         """The pairs a passing instance wants, rendered once per configuration, not per round."""
         if self._rendered is None or self._rendered[0] is not cfg:
-            self._rendered = (cfg, {cfg.key: cfg.record.to_json().encode()})
+            self._rendered = (cfg, {pair.key: pair.value for pair in cfg.pairs})
         return self._rendered[1]
 
     def _may_announce(self, now: float) -> bool:
@@ -252,17 +252,21 @@ class ServiceAgent:
             log.info("record updated", key=_shown(asked), record=record, written=written)
 
     async def remove_stale(self) -> None:
-        """Our checks say FAILING: a record on another lease (a crashed agent's) must go too."""
+        """Our checks say FAILING: records on another lease (a crashed agent's) must go too.
+
+        Every key of every format the instance publishes, each guarded on its own revision.
+        """
         if self.status.health is not Health.FAILING or self.pairs:
             self.stale_check = False
             return
-        foreign = await self._registrar.remove_stale(self.config.key)
+        for pair in self.config.pairs:
+            foreign = await self._registrar.remove_stale(pair.key)
+            if foreign is not None:
+                self.metrics.stale_removed.inc()
+                log.warning(
+                    "removed a stale record left on another lease", key=pair.key, foreign_lease=foreign
+                )
         self.stale_check = False  # only now is the look done: until then a retry must still make it
-        if foreign is not None:
-            self.metrics.stale_removed.inc()
-            log.warning(
-                "removed a stale record left on another lease", key=self.config.key, foreign_lease=foreign
-            )
 
 
 def _event(before: Pairs, asked: Pairs, *, new_lease: bool, written: bool) -> Event | None:

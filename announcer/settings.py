@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from announcer.health import FlapLimit
+from announcer.publish import FORMATS, Pair, Publishing
 from announcer.record import Record
 
 if TYPE_CHECKING:
@@ -67,6 +68,8 @@ class ServiceConfig:
     drain: float = 0.0
     maintenance_file: str | None = None
     flap_limit: FlapLimit | None = None
+    publishing: Publishing = field(default_factory=Publishing)
+    pairs: tuple[Pair, ...] = ()  # every key it writes, in every format; key is the first
 
     @property
     def record(self) -> Record:
@@ -175,10 +178,33 @@ def _settings() -> tuple[Setting, ...]:
                 shown_default="$COREOS_PUBLIC_IPV4, $COREOS_PRIVATE_IPV4, the default route's address"),
         Setting("hostname", "TEXT", "The record's host field.", SERVICE, in_check=True,
                 shown_default="the host name"),
-        Setting("key", "TEMPLATE", "Key template with {service} {ip} {port} {hostname}.", SERVICE,
+        Setting("key", "TEMPLATE", "Key of the json format (the record); {service} {ip} {port} {hostname} "
+                "{instance}.", SERVICE,
                 in_check=True, shown_default=DEFAULT_KEY),
         Setting("meta", "KEY=VALUE", "Extra record field, repeatable.", SERVICE, (dict, list, str),
                 in_check=True, repeatable=True),
+        Setting("publish", "FORMAT", f"Publish format, repeatable: {', '.join(FORMATS)}.", SERVICE,
+                (list, str), shown_default=", ".join(default(Publishing, "formats")), in_check=True,
+                repeatable=True),
+        Setting("instance", "TEMPLATE", "The instance's name in the plain, traefik and skydns keys; "
+                "{service} {ip} {port} {hostname}.", SERVICE, shown_default=default(Publishing, "instance"),
+                in_check=True),
+        Setting("plain_key", "TEMPLATE", "Key of the plain format (value ip:port); {instance} too.", SERVICE,
+                shown_default=default(Publishing, "plain_key"), in_check=True),
+        Setting("traefik_root", "PREFIX", "Traefik's root key (its etcd provider's rootKey).", SERVICE,
+                shown_default=default(Publishing, "traefik_root"), in_check=True),
+        Setting("traefik_scheme", "http|https", "Scheme of the traefik format's server url.", SERVICE,
+                shown_default=default(Publishing, "traefik_scheme"), in_check=True),
+        Setting("skydns_prefix", "PREFIX", "Root of the skydns format (CoreDNS etcd's path).", SERVICE,
+                shown_default=default(Publishing, "skydns_prefix"), in_check=True),
+        Setting("skydns_zone", "ZONE", "DNS zone of the skydns format.", SERVICE,
+                shown_default=default(Publishing, "skydns_zone"), in_check=True),
+        Setting("skydns_ttl", secs, "DNS TTL in the skydns value.", SERVICE, _NUMBER,
+                shown_default="--ttl", in_check=True),
+        Setting("skydns_priority", integer, "SRV priority in the skydns value.", SERVICE, _NUMBER,
+                shown_default="none", in_check=True),
+        Setting("skydns_weight", integer, "SRV weight in the skydns value.", SERVICE, _NUMBER,
+                shown_default="none", in_check=True),
         Setting("checks", "SPEC", "Health check, repeatable; all must pass. Kinds: {kinds}. 'http', "
                 "'tcp', 'grpc' alone mean the announced ip:port; {ip} and {port} are filled in.",
                 SERVICE, (list, str), shown_default=DEFAULT_CHECK, in_check=True, repeatable=True,

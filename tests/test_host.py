@@ -117,7 +117,8 @@ def test_two_services_rendering_one_key_are_refused(etcd: EtcdServer, tmp_path: 
         tmp_path / "host.toml", etcd, [{"service": "web", "port": 80}, {"service": "web", "port": 80}]
     )
     with pytest.raises(
-        ConfigError, match=r"services web:80 and web:80 both render the key /services/web/127.0.0.1:80"
+        ConfigError,
+        match=r"services web:80 \(json\) and web:80 \(json\) both render the key /services/web/127.0.0.1:80",
     ):
         load(path)
     bad = host_file(tmp_path / "bad.toml", etcd, [{"service": "web", "port": 80, "ttl": 5}])
