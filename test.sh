@@ -23,4 +23,5 @@ fi
 .venv/bin/ruff check announcer tests bench scripts
 .venv/bin/ruff format --check announcer tests bench scripts
 .venv/bin/mypy
-.venv/bin/python -m pytest "$@"
+# Three workers: most tests wait on real processes and timers, so they overlap well on two cores.
+.venv/bin/python -m pytest -n "${ANNOUNCER_TEST_WORKERS:-3}" --dist worksteal "$@"

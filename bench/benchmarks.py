@@ -316,19 +316,24 @@ def startup(mode: Mode) -> Rows:
 
 def scale(mode: Mode) -> Rows:
     """N agents against one etcd: the etcd requests they cause, their CPU and memory."""
-    window = 15.0 if mode.quick else 60.0  # a keepalive every 10 s at the default TTL: see one
+    # Quick mode (the tests' smoke run) only shows the table is made: a 6 s TTL puts a
+    # keepalive every 2 s, so a short window still sees one; the real run keeps the defaults.
+    window = 3.0 if mode.quick else 60.0  # a keepalive every 10 s at the default TTL: see one
+    settle = 2.5 if mode.quick else 10.0  # past the first keepalive of every agent
+    ttl = ("--ttl", "6") if mode.quick else ()
     sizes = (1, 10) if mode.quick else (1, 10, 100)
     rows: Rows = []
     with etcd_and_service() as (etcd, service):
         for n in sizes:
             check = f"http://127.0.0.1:{service.port}/"
             agents = [
-                start_announcer(etcd, 20000 + i, "--check", check, service=f"scale{n}") for i in range(n)
+                start_announcer(etcd, 20000 + i, "--check", check, *ttl, service=f"scale{n}")
+                for i in range(n)
             ]
             try:
                 wait_for(lambda n=n: all(etcd.v3_exists(announcer_key(20000 + i, f"scale{n}")) for i in range(n)),
-                         120, f"{n} agents to register", poll=0.5)  # fmt: skip
-                time.sleep(10)  # past the first keepalive of every agent
+                         120, f"{n} agents to register", poll=0.1)  # fmt: skip
+                time.sleep(settle)
                 before_requests, before = etcd.grpc_requests(), [proc_stat(a.pid) for a in agents]
                 time.sleep(window)
                 after_requests, after = etcd.grpc_requests(), [proc_stat(a.pid) for a in agents]
@@ -484,11 +489,13 @@ def _host_file(path: Path, etcd: Etcd, name: str, ports: list[int], checks: list
 def host(mode: Mode) -> Rows:
     """N services as N sidekick processes against one host-mode process: memory, CPU, etcd load, detection."""
     # Quick mode (the tests' smoke run) only shows the table is made: short windows.
-    window = 5.0 if mode.quick else 60.0
-    settle = 3.0 if mode.quick else 12.0
-    trials = 2 if mode.quick else 8
-    shapes = [(10, "sidekicks"), (10, "host"), (50, "host")] if mode.quick else \
+    window = 2.0 if mode.quick else 60.0
+    settle = 1.0 if mode.quick else 12.0
+    trials = 1 if mode.quick else 8
+    shapes = [(3, "sidekicks"), (3, "host"), (20, "host")] if mode.quick else \
         [(100, "sidekicks"), (100, "host"), (1000, "host")]  # fmt: skip
+    # Quick: a faster cadence, so that a detection trial takes a second, not ten.
+    cadence = ("--interval", "0.5", "--timeout", "0.3") if mode.quick else ()
     rows: Rows = []
     rng = random.Random(11)
     with etcd_and_service() as (etcd, service), workspace() as folder:
@@ -502,14 +509,14 @@ def host(mode: Mode) -> Rows:
                     *[f"http://127.0.0.1:{service.port}/"] * (n - 1),
                 ]
                 if shape == "sidekicks":
-                    agents = [start_announcer(etcd, port, "--check", check, service=name)
+                    agents = [start_announcer(etcd, port, "--check", check, *cadence, service=name)
                               for port, check in zip(ports, checks, strict=True)]  # fmt: skip
                 else:
                     path = _host_file(folder / f"{name}.toml", etcd, name, ports, checks)
-                    agents = [start_announcer_with(etcd, "--config", str(path))]
+                    agents = [start_announcer_with(etcd, "--config", str(path), *cadence)]
                 try:
                     wait_for(lambda p=f"/services/{name}/", n=n: _registered(etcd, p) == n, 300,
-                             f"{n} {shape} to register", poll=0.5)  # fmt: skip
+                             f"{n} {shape} to register", poll=0.1)  # fmt: skip
                     time.sleep(settle)  # past the first keepalives
                     before_requests, before = etcd.grpc_requests(), [proc_stat(a.pid) for a in agents]
                     time.sleep(window)
@@ -517,7 +524,9 @@ def host(mode: Mode) -> Rows:
                     detections = []
                     first = announcer_key(ports[0], name)
                     for _ in range(trials):
-                        time.sleep(rng.uniform(0, 2.0))  # a random phase against the 2 s cadence
+                        time.sleep(
+                            rng.uniform(0, 0.5 if mode.quick else 2.0)
+                        )  # a random phase against the cadence
                         killed = time.monotonic()
                         victim.kill()
                         gone = wait_for(lambda k=first: not etcd.v3_exists(k), 60, "detection", poll=0.01)
