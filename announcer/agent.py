@@ -112,7 +112,7 @@ class Agent:
         for svc in self.services:
             cfg = svc.config
             log.info(
-                "starting", key=cfg.key, record=cfg.record.to_json(),
+                "starting", key=cfg.key, record=cfg.record.to_json(), ip=cfg.ip, ip_from=cfg.ip_source,
                 checks=[c.name for c in cfg.checks], interval=cfg.interval, ttl=self.config.ttl,
                 worst_case_stale_seconds=cfg.worst_case_stale, crashed_agent_linger_seconds=self.config.ttl,
             )  # fmt: skip

@@ -11,7 +11,9 @@ message a person can act on.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
+import socket
 import ssl
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -141,8 +143,7 @@ def _build_service(layers: list[Layer], ambient: Ambient, number: int, ttl: int)
     if raw_port is None:
         raise ConfigError(f"--port is required (or ANNOUNCER_PORT, or port in the file){where}")
     port = integer("port", raw_port, 1, 65535)
-    raw_ip = pick("ip")
-    ip = ipv4("ip", raw_ip if raw_ip is not None else ambient.ip())
+    ip, ip_source = _advertised_address(layers, ambient)
     raw_hostname = pick("hostname")
     hostname = text("hostname", raw_hostname if raw_hostname is not None else ambient.hostname(), 255)
 
@@ -182,6 +183,7 @@ def _build_service(layers: list[Layer], ambient: Ambient, number: int, ttl: int)
         rise=integer("rise", own("rise"), 1),
         fall=integer("fall", own("fall"), 1),
         drain=seconds("drain", own("drain"), zero=True),
+        ip_source=ip_source,
         maintenance_file=(
             render_path(text("maintenance_file", raw_maintenance), "--maintenance-file", **names)
             if raw_maintenance
@@ -192,6 +194,48 @@ def _build_service(layers: list[Layer], ambient: Ambient, number: int, ttl: int)
         pairs=pairs,
         key=pairs[0].key,
     )
+
+
+def _advertised_address(layers: list[Layer], ambient: Ambient) -> tuple[str, str]:
+    """The announced address, and why it is that one (the start-up line says both)."""
+    explicit = _picker(layers[:-1])  # every layer but the ambient conventions (COREOS_*)
+    raw_ip, raw_from = explicit("ip"), explicit("ip_from")
+    if raw_ip is not None and raw_from is not None:
+        raise ConfigError("give --ip or --ip-from, not both")
+    if raw_ip is not None:
+        return ipv4("ip", raw_ip), "--ip"
+    if raw_from is not None:
+        return _address_from(text("ip_from", raw_from), ambient)
+    for name in ("COREOS_PUBLIC_IPV4", "COREOS_PRIVATE_IPV4"):
+        if layers[-1].get("ip_source") == name:
+            return ipv4("ip", layers[-1]["ip"]), f"${name}"
+    return ipv4("ip", ambient.ip()), "the default route's interface"
+
+
+def _address_from(wanted: str, ambient: Ambient) -> tuple[str, str]:
+    """The first IPv4 address of an interface, or the first in a CIDR, on this host."""
+    addresses = ambient.interfaces()
+    if "/" in wanted:
+        try:
+            network = ipaddress.IPv4Network(wanted, strict=False)
+        except ValueError:
+            raise ConfigError(f"--ip-from {wanted!r} is neither an interface name nor an IPv4 CIDR") from None
+        for name, address, _ in addresses:
+            if ipaddress.IPv4Address(address) in network:
+                return address, f"--ip-from {network}: the first address in it, on {name}"
+        shown = ", ".join(f"{a}/{p} on {n}" for n, a, p in addresses) or "none"
+        raise ConfigError(f"--ip-from {network}: no address of this host is in it (it has {shown})")
+    mine = [address for name, address, _ in addresses if name == wanted]
+    if mine:
+        return mine[0], f"--ip-from {wanted}: its first IPv4 address"
+    names = sorted({name for name, _, _ in addresses})
+    if wanted in _all_interfaces():
+        raise ConfigError(f"--ip-from {wanted}: the interface has no IPv4 address")
+    raise ConfigError(f"--ip-from {wanted}: no such interface (IPv4 ones: {', '.join(names) or 'none'})")
+
+
+def _all_interfaces() -> set[str]:
+    return {name for _, name in socket.if_nameindex()}
 
 
 def _publishing(pick: Picker) -> Publishing:

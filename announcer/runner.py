@@ -194,6 +194,8 @@ def _report(svc: ServiceConfig, results: list[CheckResult]) -> dict[str, Any]:
             for c, r in zip(svc.checks, results, strict=True)
         ],
         "key": svc.key,
+        "address": svc.ip,
+        "address_from": svc.ip_source,
         "record": json.loads(svc.record.to_json()),
         "pairs": [
             {"format": p.format, "key": p.key, "value": p.value.decode("utf-8", "replace")} for p in svc.pairs
@@ -207,6 +209,7 @@ def _text_report(report: dict[str, Any]) -> str:
         f"{'PASS' if c['ok'] else 'FAIL'}  {c['name']:<{width}}  {c['duration_ms']:8.1f} ms  {c['detail']}"
         for c in report["checks"]
     ]
+    lines.append(f"address: {report['address']} ({report['address_from']})")
     if [p["format"] for p in report["pairs"]] == ["json"]:  # the classic sidekick: as it always read
         record = json.dumps(report["record"], separators=(",", ":"), ensure_ascii=False)
         lines += [f"key:    {report['key']}", f"record: {record}"]

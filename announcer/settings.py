@@ -68,6 +68,7 @@ class ServiceConfig:
     drain: float = 0.0
     maintenance_file: str | None = None
     flap_limit: FlapLimit | None = None
+    ip_source: str = "--ip"  # why the address is this one: the start-up line says it
     publishing: Publishing = field(default_factory=Publishing)
     pairs: tuple[Pair, ...] = ()  # every key it writes, in every format; key is the first
 
@@ -176,6 +177,8 @@ def _settings() -> tuple[Setting, ...]:
         Setting("port", integer, "Announced port, 1-65535. [required]", SERVICE, _NUMBER, in_check=True),
         Setting("ip", "IPV4", "Announced IPv4.", SERVICE, in_check=True,
                 shown_default="$COREOS_PUBLIC_IPV4, $COREOS_PRIVATE_IPV4, the default route's address"),
+        Setting("ip_from", "IFACE|CIDR", "Announce the first IPv4 address of this interface, or the first "
+                "of this host's addresses in this CIDR (e.g. eth1, 10.0.0.0/8).", SERVICE, in_check=True),
         Setting("hostname", "TEXT", "The record's host field.", SERVICE, in_check=True,
                 shown_default="the host name"),
         Setting("key", "TEMPLATE", "Key of the json format (the record); {service} {ip} {port} {hostname} "

@@ -100,9 +100,10 @@ def env_layer(env: Mapping[str, str]) -> dict[str, Any]:
 
 def ambient_layer(env: Mapping[str, str]) -> dict[str, Any]:
     layer: dict[str, Any] = {}
-    ip = env.get("COREOS_PUBLIC_IPV4") or env.get("COREOS_PRIVATE_IPV4")
-    if ip:
-        layer["ip"] = ip
+    for name in ("COREOS_PUBLIC_IPV4", "COREOS_PRIVATE_IPV4"):
+        if env.get(name):
+            layer["ip"], layer["ip_source"] = env[name], name
+            break
     for name, env_name in (
         ("etcd_endpoints", "ETCDCTL_ENDPOINTS"),
         ("etcd_cacert", "ETCDCTL_CACERT"),
@@ -115,9 +116,30 @@ def ambient_layer(env: Mapping[str, str]) -> dict[str, Any]:
     return layer
 
 
+def interface_addresses() -> list[tuple[str, str, int]]:
+    """Every IPv4 address of this host's interfaces: (interface, address, prefix length).
+
+    psutil reads them (getifaddrs); imported only when --ip-from asks, so a sidekick that
+    does not pays nothing for it.
+    """
+    import ipaddress  # noqa: PLC0415
+
+    import psutil  # noqa: PLC0415
+
+    found: list[tuple[str, str, int]] = []
+    for name, addresses in sorted(psutil.net_if_addrs().items()):
+        for address in addresses:
+            if address.family == socket.AF_INET and address.address:
+                netmask = address.netmask or "255.255.255.255"
+                prefix = ipaddress.IPv4Network(f"0.0.0.0/{netmask}").prefixlen
+                found.append((name, address.address, prefix))
+    return found
+
+
 @dataclass(frozen=True)
 class Ambient:
     """What the machine says, injectable so tests need not depend on it."""
 
     hostname: Callable[[], str] = socket.gethostname
     ip: Callable[[], str] = primary_ipv4
+    interfaces: Callable[[], list[tuple[str, str, int]]] = interface_addresses
