@@ -1,17 +1,19 @@
 """The command line: parse, hand the flags to the config loader, hand over. No logic here.
 
 The options are made from the table of settings (`announcer.settings.SETTINGS`):
-each setting's flag, metavar, help and default are written there once. Values
-stay text here on purpose: the same converters check a flag, an ``ANNOUNCER_*``
-variable and a value in the file (one rule, one message, exit 2), so the CLI
-declares each option's type for the help (its metavar) and leaves the checking to
-`announcer.convert`.
+each setting's flag, metavar, help and default are written there once, with the
+commands that take it. Values stay text here on purpose: the same converters check
+a flag, an ``ANNOUNCER_*`` variable and a value in the file (one rule, one message,
+exit 2), so the CLI declares each option's type for the help (its metavar) and
+leaves the checking to `announcer.convert`.
+
+`announcer [OPTIONS]` (the systemd form) runs the agent; `run`, `check` and `ls` are
+commands, each with the options it uses. Options given before a command count too.
 """
 
 from __future__ import annotations
 
 import difflib
-import enum
 import inspect
 import os
 import sys
@@ -26,24 +28,27 @@ from announcer.errors import ConfigError
 SUMMARY = "Keep a service's record in etcd while its health checks pass."
 HELP = (
     f"{SUMMARY}\n\n"
-    "`announcer [OPTIONS]` runs the agent until SIGTERM; "
-    "`announcer check [OPTIONS]` runs the checks once and shows what would be registered "
-    "(`announcer check --help`).\n\n"
+    "`announcer [OPTIONS]` runs the agent until SIGTERM (`announcer run` is the same); "
+    "`announcer check [OPTIONS]` runs the checks once and shows what would be registered; "
+    "`announcer ls [PREFIX]` lists what is registered.\n\n"
     "Every option can also be set as ANNOUNCER_<NAME> (e.g. ANNOUNCER_SERVICE) or in the "
     "TOML file given with --config, which may also list many [[services]]; flags win over "
     "the environment, which wins over the file."
 )
+RUN_HELP = "Run the agent until SIGTERM: the same as giving no command."
 CHECK_HELP = (
-    "Run every configured check once, print each result with the key and the record that would be "
+    "Run every configured check once, print each result with every key and value that would be "
     "registered, and exit 0 when all pass, 1 when one fails, 2 for a bad configuration. "
     "Touches no etcd. With --config naming a host file, checks every service."
 )
-COMMANDS = ("run", "check")
-
-
-class Mode(enum.StrEnum):
-    RUN = "run"
-    CHECK = "check"
+LS_HELP = (
+    "List what is registered under PREFIX (by default the configured key's prefix and every "
+    "configured format's root): key, service, address, the lease's time left and the host "
+    "that wrote it; values decoded, another writer's bytes shown escaped. --json for scripts, "
+    "--watch to follow every change. Uses the agent's etcd settings; exit 1 when etcd cannot "
+    "be read."
+)
+COMMANDS = (settings.RUN, settings.CHECK, settings.LS)
 
 
 def _version(value: bool) -> None:
@@ -52,36 +57,75 @@ def _version(value: bool) -> None:
         raise typer.Exit
 
 
-def _option(setting: settings.Setting) -> inspect.Parameter:
+def _option(setting: settings.Setting, *, hidden: bool = False) -> inspect.Parameter:
     """One setting as a typer option: text (or a list of texts, or a switch), converted later."""
     help_line = setting.help_line.replace("{kinds}", ", ".join(sorted(KINDS)))
     if setting.switch:
         kind: Any = bool
-        info = typer.Option(False, setting.flag, help=help_line)
+        info = typer.Option(False, setting.flag, help=help_line, hidden=hidden)
     else:
         kind = list[str] | None if setting.repeatable else str | None
-        info = typer.Option(None, setting.flag, metavar=setting.metavar, help=help_line)
+        info = typer.Option(None, setting.flag, metavar=setting.metavar, help=help_line, hidden=hidden)
     return inspect.Parameter(setting.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=kind)
 
 
-def _run(mode: Mode, given: dict[str, Any]) -> int:
+def _params(command: str, *extra: inspect.Parameter) -> list[inspect.Parameter]:
+    """A command's parameters: the context, its arguments, its settings' options, --version."""
+    context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+    version = inspect.Parameter(
+        "version",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+        annotation=bool,
+    )
+    # Every command takes the agent's options, so that a unit's command line can be checked or
+    # listed as it is; the help of each shows only those it uses.
+    options = [
+        _option(s, hidden=command not in s.commands)
+        for s in settings.SETTINGS
+        if command in s.commands or settings.RUN in s.commands
+    ]
+    return [context, *extra, *options, version]
+
+
+def _typed(function: Any, params: list[inspect.Parameter]) -> Any:
+    """``function`` with the signature typer reads its options from."""
+    function.__signature__ = inspect.Signature(params, return_annotation=int)
+    function.__annotations__ = {p.name: p.annotation for p in params} | {"return": int}
+    return function
+
+
+def _given(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None and v != [] and v is not False}
+
+
+def _run(command: str, given: dict[str, Any]) -> int:
     as_json = bool(given.pop("json", False))
+    watch = bool(given.pop("watch", False))
+    prefix = given.pop("prefix", None)
     # Imported here so that --help and --version stay fast. announcer.config does not reach
     # structlog, so announcer.log is the one that first loads it, without rich (see there).
-    from announcer.config import load_config
+    from announcer.config import load_config, load_listing
     from announcer.log import configure_logging
-    from announcer.runner import run_agent, run_check_once
 
     env = dict(os.environ)
+    if command == settings.LS:
+        from announcer.listing import run_ls
+
+        listing = load_listing(given, env, prefix)
+        configure_logging(listing.log_format, listing.log_level)
+        return run_ls(listing, as_json=as_json, watch=watch)
+    from announcer.runner import run_agent, run_check_once
+
     cfg = load_config(given, env)
     configure_logging(cfg.log_format, cfg.log_level)
-    if mode is Mode.CHECK:
+    if command == settings.CHECK:
         return run_check_once(cfg, as_json=as_json)
     return run_agent(cfg, reload=lambda: load_config(given, env))
 
 
 def make_app() -> typer.Typer:
-    """The typer app, its options made from the table as it is now."""
+    """The typer app, its commands' options made from the table as it is now."""
     app = typer.Typer(
         add_completion=False,
         rich_markup_mode=None,
@@ -90,26 +134,32 @@ def make_app() -> typer.Typer:
         help=HELP,
     )
 
-    def main_command(mode: Mode, version: bool, **given: Any) -> int:
+    def root(ctx: typer.Context, version: bool, **given: Any) -> int:
         del version
-        return _run(mode, given)
+        ctx.obj = _given(given)
+        if ctx.invoked_subcommand is None:  # `announcer [OPTIONS]`: the systemd form runs the agent
+            return _run(settings.RUN, dict(ctx.obj))
+        return 0
 
-    mode = inspect.Parameter(
-        "mode",
+    def command_of(name: str) -> Any:
+        def invoke(ctx: typer.Context, version: bool, **given: Any) -> int:
+            del version
+            before = dict(ctx.obj or {})  # options given before the command name
+            return _run(name, before | _given(given))
+
+        invoke.__name__ = name
+        return invoke
+
+    prefix = inspect.Parameter(
+        "prefix",
         inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        default=typer.Argument(Mode.RUN, help="run (the default) or check once"),
-        annotation=Mode,
+        default=typer.Argument(None, metavar="[PREFIX]", help="List under this key prefix only."),
+        annotation=str | None,
     )
-    version = inspect.Parameter(
-        "version",
-        inspect.Parameter.KEYWORD_ONLY,
-        default=typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
-        annotation=bool,
-    )
-    params = [mode, *(_option(s) for s in settings.SETTINGS), version]
-    main_command.__signature__ = inspect.Signature(params, return_annotation=int)  # type: ignore[attr-defined]
-    main_command.__annotations__ = {p.name: p.annotation for p in params} | {"return": int}
-    app.command(help=HELP)(main_command)
+    app.callback(invoke_without_command=True)(_typed(root, _params(settings.RUN)))
+    app.command(settings.RUN, help=RUN_HELP)(_typed(command_of(settings.RUN), _params(settings.RUN)))
+    app.command(settings.CHECK, help=CHECK_HELP)(_typed(command_of(settings.CHECK), _params(settings.CHECK)))
+    app.command(settings.LS, help=LS_HELP)(_typed(command_of(settings.LS), _params(settings.LS, prefix)))
     return app
 
 
@@ -117,34 +167,21 @@ app = make_app()
 
 
 def command() -> Any:
-    """The click command behind the CLI: the one definition help, man page and parsing share."""
+    """The click group behind the CLI: the one definition help, man page and parsing share."""
     return typer.main.get_command(app)
 
 
+def subcommand(name: str) -> Any:
+    """One command (`run`, `check`, `ls`) with its own description and options."""
+    return command().commands[name]
+
+
 def check_command() -> Any:
-    """The same command as `check` sees it: its own description and only the options it uses."""
-    root = command()
-    used = {s.name for s in settings.SETTINGS if s.in_check} | {"version", "help"}
-    params = [p for p in root.params if p.name in used and p.param_type_name == "option"]
-    return type(root)(
-        name="check",
-        params=params,
-        help=CHECK_HELP,
-        context_settings=root.context_settings,
-        rich_markup_mode=None,
-    )
+    return subcommand(settings.CHECK)
 
 
 def help_text(cmd: Any, name: str) -> str:
     return str(cmd.get_help(cmd.make_context(name, [], resilient_parsing=True)))
-
-
-def _check_help(argv: list[str]) -> bool:
-    """`announcer check --help`: the check command's own help."""
-    if argv[:1] != ["check"] or not {"-h", "--help"} & set(argv[1:]):
-        return False
-    sys.stdout.write(help_text(check_command(), "announcer check") + "\n")
-    return True
 
 
 def _unknown_command(argv: list[str]) -> str | None:
@@ -152,21 +189,22 @@ def _unknown_command(argv: list[str]) -> str | None:
     if not argv or argv[0].startswith("-") or argv[0] in COMMANDS:
         return None
     close = difflib.get_close_matches(argv[0], COMMANDS, n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else "; the commands are 'run' (the default) and 'check'"
+    hint = (
+        f"; did you mean '{close[0]}'?"
+        if close
+        else "; the commands are 'run' (the default), 'check' and 'ls'"
+    )
     return f"no command {argv[0]!r}{hint}"
 
 
 def main() -> None:
     """Console entry point: one-line errors, exit 2 for bad input, never a traceback."""
-    argv = sys.argv[1:]
-    if _check_help(argv):
-        sys.exit(0)
-    typo = _unknown_command(argv)
+    typo = _unknown_command(sys.argv[1:])
     if typo is not None:
         sys.stderr.write(f"error: {typo}\n")
         sys.exit(2)
     try:
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="announcer")
     except typer.TyperException as exc:  # usage errors: unknown option, missing value
         sys.stderr.write(f"error: {exc.format_message()}\n")
         sys.exit(max(exc.exit_code, 2))

@@ -16,6 +16,7 @@ import re
 import socket
 import ssl
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from announcer.convert import (
 )
 from announcer.errors import ConfigError
 from announcer.files import collect_warnings, collected_warnings, read_secret_file, read_small_file
-from announcer.publish import FORMATS, TRAEFIK_SCHEMES, Pair, Publishing, render_pairs
+from announcer.publish import FORMATS, TRAEFIK_SCHEMES, Pair, Publishing, render_pairs, zone_path
 from announcer.record import Record, render, render_key, render_path
 from announcer.settings import (
     DEFAULT_CHECK,
@@ -95,7 +96,10 @@ def _merged_meta(layers: list[Layer]) -> dict[str, str]:
     return merged
 
 
-def _load(flags: Mapping[str, Any], env: Mapping[str, str], ambient: Ambient) -> Config:
+def _layers(
+    flags: Mapping[str, Any], env: Mapping[str, str]
+) -> tuple[list[Layer], list[dict[str, Any]] | None]:
+    """The layers, highest first, and the file's [[services]] tables if it has them."""
     given = {k: v for k, v in flags.items() if v is not None and v != []}
     from_env = env_layer(env)
     flag_path, env_path = given.pop("config", None), from_env.pop("config", None)
@@ -104,12 +108,11 @@ def _load(flags: Mapping[str, Any], env: Mapping[str, str], ambient: Ambient) ->
         config_path = text("config", config_path)
     file_layer = read_file(config_path) if config_path else {}
     tables: list[dict[str, Any]] | None = file_layer.pop("services", None)
-    layers: list[Layer] = [
-        given,
-        from_env,
-        file_layer,
-        ambient_layer(env),
-    ]
+    return [given, from_env, file_layer, ambient_layer(env)], tables
+
+
+def _load(flags: Mapping[str, Any], env: Mapping[str, str], ambient: Ambient) -> Config:
+    layers, tables = _layers(flags, env)
     pick = _picker(layers)
     ttl = integer("ttl", pick("ttl", default(Config, "ttl")), 3, TTL_LIMIT)
     service_layers = [layers] if tables is None else [[table, *layers] for table in tables]
@@ -194,6 +197,53 @@ def _build_service(layers: list[Layer], ambient: Ambient, number: int, ttl: int)
         pairs=pairs,
         key=pairs[0].key,
     )
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What `announcer ls` needs: how to reach etcd, where to look, how to log."""
+
+    etcd: EtcdSettings
+    prefixes: tuple[str, ...]
+    log_format: str = default(Config, "log_format")
+    log_level: str = default(Config, "log_level")
+
+
+def load_listing(flags: Mapping[str, Any], env: Mapping[str, str], prefix: str | None = None) -> Listing:
+    """The agent's etcd settings and, unless ``prefix`` is given, the roots its formats write under."""
+    layers, tables = _layers(flags, env)
+    pick = _picker(layers)
+    ttl = integer("ttl", pick("ttl", default(Config, "ttl")), 3, TTL_LIMIT)
+    if prefix is not None:
+        prefixes: tuple[str, ...] = (text("prefix", prefix),)
+    else:
+        stacks = [layers] if not tables else [[table, *layers] for table in tables]
+        prefixes = tuple(dict.fromkeys(root for stack in stacks for root in _roots(_picker(stack))))
+    return Listing(
+        etcd=_etcd_settings(pick, env, ttl),
+        prefixes=prefixes,
+        log_format=choice("log_format", pick("log_format", default(Config, "log_format")), LOG_FORMATS),
+        log_level=choice("log_level", pick("log_level", default(Config, "log_level")), LOG_LEVELS),
+    )
+
+
+def _roots(pick: Picker) -> list[str]:
+    """The fixed part of every key the configured formats write: what `ls` lists by default."""
+    publishing = _publishing(pick)
+    templates = {
+        "json": text("key", pick("key", DEFAULT_KEY)),
+        "plain": publishing.plain_key,
+        "traefik": f"{publishing.traefik_root}/http/",
+        "traefik-tcp": f"{publishing.traefik_root}/tcp/",
+        "skydns": f"{publishing.skydns_prefix}/{zone_path(publishing.skydns_zone)}/",
+    }
+    return [_fixed_part(templates[fmt]) for fmt in publishing.formats]
+
+
+def _fixed_part(template: str) -> str:
+    """``/services/{service}/{ip}:{port}`` -> ``/services/``: up to the last '/' before a placeholder."""
+    fixed = template.split("{", 1)[0]
+    return fixed[: fixed.rfind("/") + 1] or fixed
 
 
 def _advertised_address(layers: list[Layer], ambient: Ambient) -> tuple[str, str]:

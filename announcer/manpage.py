@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from announcer import __version__
-from announcer.cli import CHECK_HELP, SUMMARY, check_command, command
+from announcer.cli import CHECK_HELP, LS_HELP, SUMMARY, command, subcommand
 
 SECTIONS = {
     "SIGNALS": (
@@ -51,15 +51,24 @@ def _escape(text: str) -> str:
     return "\n".join(("\\&" + line if line.startswith((".", "'")) else line) for line in text.splitlines())
 
 
-def _options(cmd: Any) -> list[str]:
+def _options(params: list[Any]) -> list[str]:
+    """Every option once, in the order of the table (the commands' own last)."""
     lines: list[str] = []
-    for param in cmd.params:
-        if param.param_type_name != "option":
+    seen: set[str] = set()
+    for param in params:
+        if param.param_type_name != "option" or param.name in seen:
             continue
+        seen.add(param.name)
         names = ", ".join(f"\\fB{_escape(o)}\\fR" for o in [*param.opts, *param.secondary_opts])
         metavar = "" if param.is_flag else f" \\fI{_escape(param.metavar or 'VALUE')}\\fR"
         lines += [".TP", names + metavar, _escape(param.help or "")]
     return lines
+
+
+def _shown_options(name: str) -> str:
+    """The options a command's help shows (it takes the agent's others too, unshown)."""
+    params = subcommand(name).params
+    return ", ".join(o for p in params if p.param_type_name == "option" and not p.hidden for o in p.opts)
 
 
 def render() -> str:
@@ -72,16 +81,23 @@ def render() -> str:
         "\\fBannouncer\\fR [\\fIOPTIONS\\fR]",
         ".br",
         "\\fBannouncer check\\fR [\\fIOPTIONS\\fR]",
+        ".br",
+        "\\fBannouncer ls\\fR [\\fIOPTIONS\\fR] [\\fIPREFIX\\fR]",
         ".SH DESCRIPTION",
         _escape(" ".join((root.help or "").replace("`", "").split("\n\n")[1:])),
         ".SH COMMANDS",
         ".TP",
         "\\fBcheck\\fR",
         _escape(CHECK_HELP),
+        ".TP",
+        "\\fBls\\fR [\\fIPREFIX\\fR]",
+        _escape(LS_HELP),
         ".SH OPTIONS",
-        *_options(root),
+        *_options([*root.params, *(p for n in ("check", "ls") for p in subcommand(n).params)]),
         ".SS Options of check",
-        _escape(", ".join(o for p in check_command().params for o in p.opts)),
+        _escape(_shown_options("check")),
+        ".SS Options of ls",
+        _escape(_shown_options("ls")),
     ]
     for title, text in SECTIONS.items():
         lines += [f".SH {title}", _escape(text)]

@@ -123,6 +123,8 @@ def default(cls: type[Any], name: str) -> Any:
 # Adding a setting is one entry here plus what it does (its conversion in config.py).
 
 SERVICE, PROCESS = "service", "process"
+RUN, CHECK, LS = "run", "check", "ls"
+_RC, _RL, _ALL = frozenset({RUN, CHECK}), frozenset({RUN, LS}), frozenset({RUN, CHECK, LS})
 _NUMBER = (int, float, str)  # what a number may be in the file; converted and checked after
 
 
@@ -139,7 +141,7 @@ class Setting:
     # The Config attribute a running process keeps until a restart (a reload says so);
     # None: a reload applies it.
     restart: str | None = None
-    in_check: bool = False  # `announcer check` uses it
+    commands: frozenset[str] = frozenset({"run"})  # the commands that take it: run, check, ls
     repeatable: bool = False  # a flag given many times (a list)
     switch: bool = False  # a flag without a value
     option: str | None = None  # the flag's and variable's name when it is not ``name``
@@ -173,63 +175,66 @@ def _settings() -> tuple[Setting, ...]:
     secs, integer = "SECONDS", "INTEGER"
     etcd = "etcd"
     return (
-        Setting("service", "NAME", "Service name, part of the key. [required]", SERVICE, in_check=True),
-        Setting("port", integer, "Announced port, 1-65535. [required]", SERVICE, _NUMBER, in_check=True),
-        Setting("ip", "IPV4", "Announced IPv4.", SERVICE, in_check=True,
+        Setting("service", "NAME", "Service name, part of the key. [required]", SERVICE, commands=_RC),
+        Setting("port", integer, "Announced port, 1-65535. [required]", SERVICE, _NUMBER, commands=_RC),
+        Setting("ip", "IPV4", "Announced IPv4.", SERVICE, commands=_RC,
                 shown_default="$COREOS_PUBLIC_IPV4, $COREOS_PRIVATE_IPV4, the default route's address"),
         Setting("ip_from", "IFACE|CIDR", "Announce the first IPv4 address of this interface, or the first "
-                "of this host's addresses in this CIDR (e.g. eth1, 10.0.0.0/8).", SERVICE, in_check=True),
-        Setting("hostname", "TEXT", "The record's host field.", SERVICE, in_check=True,
+                "of this host's addresses in this CIDR (e.g. eth1, 10.0.0.0/8).", SERVICE, commands=_RC),
+        Setting("hostname", "TEXT", "The record's host field.", SERVICE, commands=_RC,
                 shown_default="the host name"),
         Setting("key", "TEMPLATE", "Key of the json format (the record); {service} {ip} {port} {hostname} "
                 "{instance}.", SERVICE,
-                in_check=True, shown_default=DEFAULT_KEY),
+                commands=_ALL, shown_default=DEFAULT_KEY),
         Setting("meta", "KEY=VALUE", "Extra record field, repeatable.", SERVICE, (dict, list, str),
-                in_check=True, repeatable=True),
+                commands=_RC, repeatable=True),
         Setting("publish", "FORMAT", f"Publish format, repeatable: {', '.join(FORMATS)}.", SERVICE,
-                (list, str), shown_default=", ".join(default(Publishing, "formats")), in_check=True,
+                (list, str), shown_default=", ".join(default(Publishing, "formats")), commands=_ALL,
                 repeatable=True),
         Setting("instance", "TEMPLATE", "The instance's name in the plain, traefik and skydns keys; "
                 "{service} {ip} {port} {hostname}.", SERVICE, shown_default=default(Publishing, "instance"),
-                in_check=True),
+                commands=_RC),
         Setting("plain_key", "TEMPLATE", "Key of the plain format (value ip:port); {instance} too.", SERVICE,
-                shown_default=default(Publishing, "plain_key"), in_check=True),
+                shown_default=default(Publishing, "plain_key"), commands=_ALL),
         Setting("traefik_root", "PREFIX", "Traefik's root key (its etcd provider's rootKey).", SERVICE,
-                shown_default=default(Publishing, "traefik_root"), in_check=True),
+                shown_default=default(Publishing, "traefik_root"), commands=_ALL),
         Setting("traefik_scheme", "http|https", "Scheme of the traefik format's server url.", SERVICE,
-                shown_default=default(Publishing, "traefik_scheme"), in_check=True),
+                shown_default=default(Publishing, "traefik_scheme"), commands=_RC),
         Setting("skydns_prefix", "PREFIX", "Root of the skydns format (CoreDNS etcd's path).", SERVICE,
-                shown_default=default(Publishing, "skydns_prefix"), in_check=True),
+                shown_default=default(Publishing, "skydns_prefix"), commands=_ALL),
         Setting("skydns_zone", "ZONE", "DNS zone of the skydns format.", SERVICE,
-                shown_default=default(Publishing, "skydns_zone"), in_check=True),
+                shown_default=default(Publishing, "skydns_zone"), commands=_ALL),
         Setting("skydns_ttl", secs, "DNS TTL in the skydns value.", SERVICE, _NUMBER,
-                shown_default="--ttl", in_check=True),
+                shown_default="--ttl", commands=_RC),
         Setting("skydns_priority", integer, "SRV priority in the skydns value.", SERVICE, _NUMBER,
-                shown_default="none", in_check=True),
+                shown_default="none", commands=_RC),
         Setting("skydns_weight", integer, "SRV weight in the skydns value.", SERVICE, _NUMBER,
-                shown_default="none", in_check=True),
+                shown_default="none", commands=_RC),
         Setting("checks", "SPEC", "Health check, repeatable; all must pass. Kinds: {kinds}. 'http', "
                 "'tcp', 'grpc' alone mean the announced ip:port; {ip} and {port} are filled in.",
-                SERVICE, (list, str), shown_default=DEFAULT_CHECK, in_check=True, repeatable=True,
+                SERVICE, (list, str), shown_default=DEFAULT_CHECK, commands=_RC, repeatable=True,
                 option="check"),
         Setting("interval", secs, "Seconds between check rounds.", SERVICE, _NUMBER,
-                _shown(S, "interval"), in_check=True),
+                _shown(S, "interval"), commands=_RC),
         Setting("timeout", secs, "Per-check time limit, below --interval.", SERVICE, _NUMBER,
-                _shown(S, "timeout"), in_check=True),
+                _shown(S, "timeout"), commands=_RC),
         Setting("rise", integer, "Passing rounds before announcing.", SERVICE, _NUMBER, _shown(S, "rise")),
         Setting("fall", integer, "Failing rounds before withdrawing.", SERVICE, _NUMBER, _shown(S, "fall")),
-        Setting("ttl", secs, "Lease TTL, at least 3.", PROCESS, _NUMBER, _shown(C, "ttl"), restart="ttl"),
+        Setting("ttl", secs, "Lease TTL, at least 3.", PROCESS, _NUMBER, _shown(C, "ttl"), restart="ttl",
+                commands=_RL),
         Setting("etcd_endpoints", "URLS", "Comma-separated etcd URLs.", PROCESS, (list, str),
-                f"$ETCDCTL_ENDPOINTS, {DEFAULT_ENDPOINT}", restart=etcd),
+                f"$ETCDCTL_ENDPOINTS, {DEFAULT_ENDPOINT}", restart=etcd, commands=_RL),
         Setting("etcd_timeout", secs, "Deadline of one whole etcd request.", PROCESS, _NUMBER,
-                f"min({_shown(EtcdSettings, 'timeout')}, TTL/6)", restart=etcd),
+                f"min({_shown(EtcdSettings, 'timeout')}, TTL/6)", restart=etcd, commands=_RL),
         Setting("etcd_cacert", "FILE", "CA bundle for etcd TLS.", shown_default="$ETCDCTL_CACERT",
-                restart=etcd),
-        Setting("etcd_cert", "FILE", "Client certificate.", shown_default="$ETCDCTL_CERT", restart=etcd),
-        Setting("etcd_key", "FILE", "Client key.", shown_default="$ETCDCTL_KEY", restart=etcd),
-        Setting("etcd_user", "USER[:PASSWORD]", "etcd user.", shown_default="$ETCDCTL_USER", restart=etcd),
+                restart=etcd, commands=_RL),
+        Setting("etcd_cert", "FILE", "Client certificate.", shown_default="$ETCDCTL_CERT",
+                restart=etcd, commands=_RL),
+        Setting("etcd_key", "FILE", "Client key.", shown_default="$ETCDCTL_KEY", restart=etcd, commands=_RL),
+        Setting("etcd_user", "USER[:PASSWORD]", "etcd user.", shown_default="$ETCDCTL_USER",
+                restart=etcd, commands=_RL),
         Setting("etcd_password_file", "FILE", "File holding the etcd password (else $ETCDCTL_PASSWORD).",
-                restart=etcd),
+                restart=etcd, commands=_RL),
         Setting("shutdown_timeout", secs, "Bound on the etcd work at shutdown.", PROCESS, _NUMBER,
                 _shown(C, "shutdown_timeout")),
         Setting("drain", secs, "Stay up this long after the withdraw at SIGTERM, while consumers "
@@ -241,13 +246,16 @@ def _settings() -> tuple[Setting, ...]:
         Setting("metrics_address", "HOST:PORT", "Serve /metrics and /healthz.", shown_default="off",
                 restart="metrics_address"),
         Setting("log_format", "auto|json|console", "JSON when stderr is not a terminal.",
-                shown_default=_shown(C, "log_format"), restart="log_format", in_check=True),
+                shown_default=_shown(C, "log_format"), restart="log_format", commands=_ALL),
         Setting("log_level", "debug|info|warning|error", "How much is logged.",
-                shown_default=_shown(C, "log_level"), restart="log_level", in_check=True),
+                shown_default=_shown(C, "log_level"), restart="log_level", commands=_ALL),
         Setting("config", "FILE", "TOML file with any of these settings, or many [[services]].",
-                in_check=True, in_file=False),
-        Setting("json", "", "check: print one JSON document.", in_check=True, switch=True,
+                commands=_ALL, in_file=False),
+        Setting("json", "", "check, ls: print JSON (ls --watch: a JSON line an event).",
+                commands=frozenset({CHECK, LS}), switch=True,
                 in_file=False, in_env=False),
+        Setting("watch", "", "ls: after the list, follow every change until Ctrl-C.",
+                commands=frozenset({LS}), switch=True, in_file=False, in_env=False),
     )  # fmt: skip
 
 

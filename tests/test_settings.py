@@ -18,7 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_adding_a_setting_touches_one_table_entry(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    spare = Setting("spare_part", "TEXT", "A setting this test adds.", SERVICE, in_check=True)
+    spare = Setting(
+        "spare_part", "TEXT", "A setting this test adds.", SERVICE, commands=frozenset({"run", "check"})
+    )
     monkeypatch.setattr(settings, "SETTINGS", (*SETTINGS, spare))
     app = cli.make_app()
     command = typer.main.get_command(app)

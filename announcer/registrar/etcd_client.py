@@ -23,7 +23,7 @@ import binascii
 import json
 import ssl
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -52,11 +52,29 @@ __all__ = [
     "KeyValue",
     "LeaseNotFound",
     "Txn",
+    "WatchCompacted",
+    "WatchEvent",
 ]  # fmt: skip
 
 # The most announcer reads of one answer. Its own requests are small (a lease, one
 # key without its value); a larger answer is an endpoint misbehaving.
 ANSWER_LIMIT = 1024 * 1024
+# A watch never ends, so it is bounded per message: one event batch larger than this,
+# or bytes that are not a watch message, is an error of that endpoint.
+WATCH_MESSAGE_LIMIT = 1024 * 1024
+LIST_LIMIT = 5000  # keys one `announcer ls` shows; more is a prefix to narrow
+
+
+@dataclass(frozen=True, slots=True)
+class WatchEvent:
+    """One change a watch saw: a put (with the new value) or a delete."""
+
+    kind: str  # "PUT" or "DELETE"
+    kv: KeyValue
+
+
+class WatchCompacted(EtcdError):
+    """The watch's start revision was compacted away: read again, then watch from there."""
 
 
 class EtcdProtocolError(EtcdUnavailable):
@@ -252,6 +270,62 @@ class EtcdClient:
 
         return await self._call("range", "/v3/kv/txn", {"success": ops}, parse)
 
+    async def list_prefix(self, prefix: str, limit: int = LIST_LIMIT) -> tuple[int, list[KeyValue], bool]:
+        """Every key under ``prefix`` with its value, sorted: (revision, key-values, more left)."""
+        body = {
+            "key": _b64(prefix), "range_end": _b64(prefix_end(prefix)), "limit": str(limit),
+            "sort_order": "ASCEND", "sort_target": "KEY",
+        }  # fmt: skip
+
+        def parse(answer: dict[str, Any], endpoint: str) -> tuple[int, list[KeyValue], bool]:
+            kvs = [_key_value(kv, endpoint, with_value=True) for kv in _list(answer, "kvs", endpoint)]
+            return _revision(answer, endpoint), kvs, bool(answer.get("more", False))
+
+        return await self._call("range", "/v3/kv/range", body, parse)
+
+    async def time_left(self, lease: int) -> int:
+        """Seconds the lease has left; -1 when it does not exist."""
+        return await self._call(
+            "timetolive", "/v3/lease/timetolive", {"ID": str(lease)},
+            lambda answer, endpoint: _number(answer, "TTL", endpoint, default=-1),
+        )  # fmt: skip
+
+    async def watch_prefix(
+        self, prefix: str, start_revision: int
+    ) -> AsyncIterator[tuple[int, list[WatchEvent]]]:
+        """The changes under ``prefix`` from ``start_revision`` on: (revision, events), as they come.
+
+        One streaming request to the current endpoint; it ends with an exception when the
+        stream breaks (EtcdUnavailable), misbehaves (EtcdProtocolError) or the revision was
+        compacted (WatchCompacted): the caller reads again and watches from there.
+        """
+        endpoint = self.endpoint
+        shown = self._shown(endpoint)
+        if self._settings.user and self._token is None:
+            await self._authenticate(endpoint)
+        body = {"create_request": {
+            "key": _b64(prefix), "range_end": _b64(prefix_end(prefix)), "start_revision": str(start_revision),
+        }}  # fmt: skip
+        headers = {"Authorization": self._token} if self._token else {}
+        # The connection and the first answer are bounded by the deadline; the stream itself
+        # may stay silent for as long as nothing changes.
+        timeout = httpx.Timeout(self._settings.timeout, read=None)
+        try:
+            async with self._http.stream(
+                "POST", endpoint + "/v3/watch", json=body, headers=headers, timeout=timeout
+            ) as response:
+                if response.status_code != 200:
+                    raw = await _read_bounded(response, shown)
+                    answer = _json_object(raw)
+                    raise _error_from(shown, response.status_code, answer or {})
+                async for message in _messages(response, shown):
+                    result = _watch_result(message, shown)
+                    if result is not None:
+                        yield result
+        except (httpx.HTTPError, httpx.StreamError, ssl.SSLError, OSError, ValueError) as exc:
+            raise EtcdUnavailable(f"{shown}: the watch broke: {describe(exc)}") from None
+        raise EtcdUnavailable(f"{shown}: the watch ended")
+
     async def write(self, writes: Sequence[Write], lease: int) -> list[bool]:
         """Every write in one request and one revision, each guarded on its own (see `Write`).
 
@@ -391,6 +465,69 @@ class EtcdClient:
         return status, answer
 
 
+def prefix_end(prefix: str) -> bytes:
+    """The range_end that makes a range or a watch cover every key starting with ``prefix``."""
+    data = bytearray(prefix.encode())
+    while data and data[-1] == 0xFF:
+        data.pop()
+    if not data:
+        return b"\0"  # everything
+    data[-1] += 1
+    return bytes(data)
+
+
+def _json_object(raw: bytes) -> dict[str, Any] | None:
+    try:
+        answer = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return answer if isinstance(answer, dict) else None
+
+
+async def _messages(response: httpx.Response, shown: str) -> AsyncIterator[dict[str, Any]]:
+    """The JSON objects of a streaming answer, one a line, each at most WATCH_MESSAGE_LIMIT."""
+    buffer = b""
+    async for chunk in response.aiter_bytes():
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            if not line.strip():
+                continue
+            message = _json_object(line)
+            if message is None:
+                raise EtcdProtocolError(f"{shown}: a watch message that is not a JSON object")
+            yield message
+        if len(buffer) > WATCH_MESSAGE_LIMIT:
+            raise EtcdProtocolError(f"{shown}: a watch message larger than {WATCH_MESSAGE_LIMIT // 1024} KiB")
+
+
+def _watch_result(message: dict[str, Any], shown: str) -> tuple[int, list[WatchEvent]] | None:
+    """One watch message as (revision, events); None for one that carries no events."""
+    if "error" in message:
+        error = message["error"] if isinstance(message["error"], Mapping) else {}
+        raise _error_from(shown, 500, error if isinstance(error, Mapping) else {})
+    result = message.get("result")
+    if not isinstance(result, Mapping):
+        raise EtcdProtocolError(f"{shown}: a watch message without a result")
+    compacted = _number(result, "compact_revision", shown, default=0)
+    if compacted:
+        raise WatchCompacted(f"{shown}: the watch's revision was compacted (now {compacted})")
+    if result.get("canceled"):
+        raise EtcdUnavailable(
+            f"{shown}: the watch was canceled: {str(result.get('cancel_reason', ''))[:200]}"
+        )
+    events: list[WatchEvent] = []
+    for event in _list(result, "events", shown):
+        if not isinstance(event, Mapping):
+            raise EtcdProtocolError(f"{shown}: a watch event that is not an object")
+        kind = event.get("type", "PUT")
+        if kind not in ("PUT", "DELETE"):
+            raise EtcdProtocolError(f"{shown}: a watch event of unknown type {str(kind)[:20]!r}")
+        events.append(WatchEvent(str(kind), _key_value(event.get("kv"), shown, with_value=kind == "PUT")))
+    revision = _revision(result, shown)
+    return (revision, events) if events else None
+
+
 async def _read_bounded(response: httpx.Response, shown: str) -> bytes:
     chunks: list[bytes] = []
     size = 0
@@ -418,7 +555,7 @@ def _number(answer: Mapping[str, Any], name: str, endpoint: str, default: int | 
     return number
 
 
-def _revision(answer: dict[str, Any], endpoint: str) -> int:
+def _revision(answer: Mapping[str, Any], endpoint: str) -> int:
     header = answer.get("header", {})
     if not isinstance(header, Mapping):
         raise EtcdProtocolError(f"{redact_url(endpoint)}: an answer whose header is not an object")
