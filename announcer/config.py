@@ -379,6 +379,9 @@ def _etcd_settings(pick: Picker, env: Mapping[str, str], ttl: int) -> EtcdSettin
         key=_path("etcd_key", pick("etcd_key")),
         user=user,
         password=password,
+        discovery=choice("etcd_discovery", pick("etcd_discovery", "on"), ("on", "off")) == "on",
+        # Discovery adds members only while endpoints x deadline still fits in TTL/3.
+        endpoint_limit=max(len(urls), int(ttl / 3 / timeout)),
     )
     if (settings.cert is None) != (settings.key is None):
         raise ConfigError("--etcd-cert and --etcd-key go together: give both or neither")

@@ -37,6 +37,10 @@ class EtcdSettings:
     key: Path | None = None
     user: str | None = None
     password: str | None = field(default=None, repr=False)
+    discovery: bool = True  # learn the cluster's members from the endpoints given, fail over to them
+    # The most endpoints one request may try in turn, discovered ones included: a keepalive
+    # that tries each for the whole deadline must still fit in TTL/3 (None: no cap).
+    endpoint_limit: int | None = None
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The TLS context when any TLS file is set; raises OSError/SSLError on bad files."""
@@ -226,6 +230,9 @@ def _settings() -> tuple[Setting, ...]:
                 f"$ETCDCTL_ENDPOINTS, {DEFAULT_ENDPOINT}", restart=etcd, commands=_RL),
         Setting("etcd_timeout", secs, "Deadline of one whole etcd request.", PROCESS, _NUMBER,
                 f"min({_shown(EtcdSettings, 'timeout')}, TTL/6)", restart=etcd, commands=_RL),
+        Setting("etcd_discovery", "on|off", "Learn the cluster's other members from the endpoints given and "
+                "fail over to them too; off for a proxy or gateway that must be the only way in.",
+                PROCESS, shown_default="on", restart=etcd, commands=_RL),
         Setting("etcd_cacert", "FILE", "CA bundle for etcd TLS.", shown_default="$ETCDCTL_CACERT",
                 restart=etcd, commands=_RL),
         Setting("etcd_cert", "FILE", "Client certificate.", shown_default="$ETCDCTL_CERT",

@@ -96,7 +96,9 @@ CLIENT_CALLS = {
 async def test_a_hostile_answer_is_an_error_of_that_endpoint(etcd: EtcdServer, mode: str) -> None:
     gateway = HostileGateway(etcd.url, mode)
     user = "root" if mode == "login-without-token" else None
-    client = EtcdClient(EtcdSettings(endpoints=(gateway.url,), timeout=3, user=user, password="pw"))
+    client = EtcdClient(
+        EtcdSettings(endpoints=(gateway.url,), timeout=3, user=user, password="pw", discovery=False)
+    )
     call = CLIENT_CALLS[MODES[mode][0]]
     try:
         lease = etcd.grant(30)
@@ -368,7 +370,9 @@ async def test_registered_turns_false_once_the_lease_may_have_expired(
     proxy = PartitionProxy(etcd.client_port)
     key = KEY_OF.format(port=http_service.port)
     try:
-        async with running(agent_config(proxy.url, http_service.port, metrics_address=None)) as agent:
+        async with running(
+            agent_config(proxy.url, http_service.port, metrics_address=None, etcd_discovery="off")
+        ) as agent:
             await eventually(lambda: agent.registered, what="announce")
             proxy.partitioned.set()
             await eventually(lambda: not agent.registered, timeout=10, what="registered turns false")
@@ -392,7 +396,9 @@ async def test_the_granted_ttl_sets_the_keepalive_period(etcd: EtcdServer, http_
     key = KEY_OF.format(port=http_service.port)
     try:
         with capture_logs() as logs:
-            async with running(agent_config(gateway.url, http_service.port, ttl="9")) as agent:
+            async with running(
+                agent_config(gateway.url, http_service.port, ttl="9", etcd_discovery="off")
+            ) as agent:
                 await eventually(lambda: etcd.get(key) is not None, what="announce")
                 lease = etcd.get(key)["lease"]  # type: ignore[index]
                 # a TTL of 2 granted: keepalives come every 2/3 s, and over 4 TTLs the lease lives on

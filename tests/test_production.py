@@ -70,6 +70,40 @@ async def test_failover_keeps_the_lease_and_the_record(
             watcher.close()
 
 
+async def test_one_endpoint_given_the_cluster_keeps_the_record(
+    etcd_cluster: EtcdCluster, http_service: HttpService
+) -> None:
+    first = etcd_cluster.members[0]
+    key = KEY.format(port=http_service.port)
+    async with running(agent_config(first.url, http_service.port, ttl="3")) as agent:
+        await eventually(lambda: agent.registered, what="announce")
+        client = agent.registrar.store
+        # Learned from the one member given: another member's URL, up to the limit that keeps
+        # endpoints x deadline within TTL/3 (two at TTL 3 with a 0.5 s deadline).
+        assert client.endpoints[0] == first.url
+        assert len(client.endpoints) == 2
+        assert client.endpoints[1] in {m.url for m in etcd_cluster.members[1:]}
+        lease = first.get(key)["lease"]  # type: ignore[index]
+        first.kill()
+        seen = keepalives(agent)
+        await eventually(lambda: keepalives(agent) >= seen + 6, timeout=30, what="keepalives elsewhere")
+        survivor = etcd_cluster.any_up(but=first)
+        after = survivor.get(key)
+        assert after is not None
+        assert after["lease"] == lease  # kept alive through the others: never lost
+        assert agent.registered
+
+
+async def test_without_discovery_only_the_endpoints_given_are_used(
+    etcd_cluster: EtcdCluster, http_service: HttpService
+) -> None:
+    first = etcd_cluster.members[0]
+    config = agent_config(first.url, http_service.port, ttl="3", etcd_discovery="off")
+    async with running(config) as agent:
+        await eventually(lambda: agent.registered, what="announce")
+        assert agent.registrar.store.endpoints == (first.url,)
+
+
 @pytest.mark.parametrize("wipe", [False, True], ids=["with-data", "data-lost"])
 async def test_whole_etcd_down_longer_than_the_ttl(
     etcd: EtcdServer, http_service: HttpService, wipe: bool
@@ -241,7 +275,7 @@ async def test_wrong_etcd_password_is_a_clear_error(auth_etcd: EtcdServer, http_
 async def test_partitioned_etcd_blocks_nothing(etcd: EtcdServer, http_service: HttpService) -> None:
     proxy = PartitionProxy(etcd.client_port)
     key = KEY.format(port=http_service.port)
-    config = agent_config(proxy.url, http_service.port, ttl="3", shutdown_timeout="1")
+    config = agent_config(proxy.url, http_service.port, ttl="3", shutdown_timeout="1", etcd_discovery="off")
     try:
         with capture_logs() as logs:
             async with running(config) as agent:

@@ -20,14 +20,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import ipaddress
 import json
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import httpx
+import structlog
 
 from announcer.errors import EtcdError, EtcdUnavailable, LeaseNotFound, describe
 from announcer.redact import redact_url
@@ -161,7 +164,12 @@ class EtcdClient:
     ) -> None:
         self._settings = settings
         self._endpoints = [e.rstrip("/") for e in settings.endpoints]
+        self._configured = list(self._endpoints)
         self._current = 0
+        self._members_due = (
+            settings.discovery
+        )  # learn the members at the first request, again after a failover
+        self._said: set[str] = set()  # discovery warnings already logged
         self._token: str | None = None
         self._observe = observe
         self._transport = transport
@@ -193,6 +201,11 @@ class EtcdClient:
     @property
     def endpoint(self) -> str:
         return self._endpoints[self._current]
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        """Every endpoint a request may try: those given, then the members discovered."""
+        return tuple(self._endpoints)
 
     async def aclose(self) -> None:
         if self._http_client is not None:
@@ -394,12 +407,50 @@ class EtcdClient:
         for _ in range(len(self._endpoints)):
             endpoint = self.endpoint
             try:
-                return parse(await self._call_endpoint(endpoint, path, body), endpoint)
+                answer = parse(await self._call_endpoint(endpoint, path, body), endpoint)
             except EtcdUnavailable as exc:
                 last = exc
                 self._current = (self._current + 1) % len(self._endpoints)
+                self._members_due = self._settings.discovery  # the cluster may have changed: ask again
+                continue
+            if self._members_due:
+                await self._discover(endpoint)
+            return answer
         assert last is not None
         raise last
+
+    async def _discover(self, endpoint: str) -> None:
+        """The cluster's members, learned from the endpoint that just answered; best effort.
+
+        The endpoints given come first and always stay; members found are added after them,
+        up to the limit that keeps endpoints x deadline within TTL/3.
+        """
+        self._members_due = False
+        try:
+            answer = await self._call_endpoint(endpoint, "/v3/cluster/member/list", {})
+            found = _member_urls(answer, endpoint)
+        except EtcdError as exc:
+            self._say_once(f"etcd member discovery failed at {self._shown(endpoint)}: {exc}")
+            return
+        limit = self._settings.endpoint_limit or len(self._configured) + len(found)
+        endpoints = list(self._configured)
+        for url in found:
+            if url not in endpoints and len(endpoints) < limit:
+                endpoints.append(url)
+        skipped = [url for url in found if url not in endpoints]
+        if skipped:
+            self._say_once(
+                f"etcd members not used, to keep {limit} endpoints x {self._settings.timeout:g}s within "
+                f"TTL/3: {', '.join(redact_url(u) for u in skipped)}"
+            )
+        current = self.endpoint
+        self._endpoints = endpoints
+        self._current = endpoints.index(current) if current in endpoints else 0
+
+    def _say_once(self, message: str) -> None:
+        if message not in self._said:
+            self._said.add(message)
+            structlog.get_logger("announcer").warning(message)
 
     async def _call_endpoint(self, endpoint: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
         if self._settings.user and self._token is None:
@@ -463,6 +514,55 @@ class EtcdClient:
                 f"{len(raw)} bytes that are not a JSON object"
             )
         return status, answer
+
+
+MEMBER_LIMIT = 64  # members read from one answer: a cluster has 3, 5 or 7
+
+
+def _member_urls(answer: Mapping[str, Any], reached: str) -> list[str]:
+    """Every member's first usable client URL. A member that advertises only loopback
+    addresses while it was reached at another one is used at the address it was reached at."""
+    header = answer.get("header")
+    answered_by = _number(header, "member_id", reached, default=0) if isinstance(header, Mapping) else 0
+    reached_loopback = _is_loopback(reached)
+    urls: list[str] = []
+    for member in _list(answer, "members", reached)[:MEMBER_LIMIT]:
+        if not isinstance(member, Mapping):
+            raise EtcdProtocolError(f"{redact_url(reached)}: a member list entry that is not an object")
+        client_urls = [u.rstrip("/") for u in _list(member, "clientURLs", reached) if _usable_url(u)]
+        if not client_urls:
+            continue  # not started yet, or nothing a client can use
+        if not reached_loopback and all(_is_loopback(u) for u in client_urls):
+            if _number(member, "ID", reached, default=0) == answered_by:
+                structlog.get_logger("announcer").warning(
+                    "the etcd member advertises only loopback client URLs; using the address it was "
+                    "reached at", advertised=client_urls[0], reached=redact_url(reached),
+                )  # fmt: skip
+                urls.append(reached)
+            continue  # another member's loopback address would be this host's own
+        urls.append(client_urls[0])
+    return urls
+
+
+def _usable_url(url: object) -> bool:
+    if not isinstance(url, str) or len(url) > 300:
+        return False
+    try:
+        parts = urlsplit(url)
+        _ = parts.port
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def _is_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def prefix_end(prefix: str) -> bytes:

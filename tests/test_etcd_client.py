@@ -1,0 +1,80 @@
+"""The etcd client's reading of answers, without a server: member lists, watch messages, ranges.
+
+The exchanges themselves are tested against real etcd (tests/test_registrar.py, test_listing.py)
+and hostile gateways (tests/test_hostile.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from announcer.registrar.etcd_client import (
+    EtcdProtocolError,
+    WatchCompacted,
+    _member_urls,
+    _watch_result,
+    prefix_end,
+)
+
+
+def member(member_id: int, *urls: str) -> dict[str, Any]:
+    return {"ID": str(member_id), "name": f"m{member_id}", "clientURLs": list(urls)}
+
+
+def test_member_urls_take_each_members_first_usable_url() -> None:
+    answer = {
+        "header": {"member_id": "1"},
+        "members": [
+            member(1, "http://10.0.0.1:2379", "http://10.0.0.1:4001"),
+            member(2, "ftp://10.0.0.2:2379", "http://10.0.0.2:2379"),
+            member(3),  # not started yet: no client URL
+            member(4, "http://[::1"),  # unparsable
+        ],
+    }
+    assert _member_urls(answer, "http://10.0.0.1:2379") == ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+
+
+def test_a_member_advertising_loopback_is_used_where_it_was_reached() -> None:
+    answer = {
+        "header": {"member_id": "7"},
+        "members": [member(7, "http://localhost:2379"), member(8, "http://127.0.0.1:2379")],
+    }
+    # Reached at 10.0.0.7: the member that answered is used there; the other's loopback
+    # address would be this host's own, so it is left out.
+    assert _member_urls(answer, "http://10.0.0.7:2379") == ["http://10.0.0.7:2379"]
+    # Reached on loopback, loopback URLs are what they say.
+    assert _member_urls(answer, "http://127.0.0.1:2379") == ["http://localhost:2379", "http://127.0.0.1:2379"]
+
+
+@pytest.mark.parametrize("members", ["not a list", [1, 2], [{"clientURLs": "not a list"}]])
+def test_a_malformed_member_list_is_an_error_of_that_endpoint(members: Any) -> None:
+    with pytest.raises(EtcdProtocolError):
+        _member_urls({"header": {"member_id": "1"}, "members": members}, "http://10.0.0.1:2379")
+
+
+def test_prefix_end_covers_every_key_with_the_prefix() -> None:
+    assert prefix_end("/services/") == b"/services0"
+    assert prefix_end("a\xff") == "a\xff".encode()[:-1] + bytes([0xC0])
+    assert prefix_end("") == b"\0"
+
+
+def test_watch_messages() -> None:
+    put = {"type": "PUT", "kv": {"key": "L2E=", "value": "MQ==", "lease": "5", "mod_revision": "9"}}
+    revision, events = _watch_result(
+        {"result": {"header": {"revision": "9"}, "events": [put, {"type": "DELETE", "kv": {"key": "L2E="}}]}},
+        "e",
+    )  # type: ignore[misc]
+    assert revision == 9
+    assert [(e.kind, e.kv.key, e.kv.value) for e in events] == [("PUT", b"/a", b"1"), ("DELETE", b"/a", None)]
+    assert _watch_result({"result": {"header": {"revision": "3"}, "created": True}}, "e") is None
+    with pytest.raises(WatchCompacted):
+        _watch_result({"result": {"compact_revision": "40", "canceled": True}}, "e")
+    for bad in (
+        {"nope": 1},
+        {"result": {"events": [{"type": "SMASH", "kv": {}}]}},
+        {"result": {"events": "x"}},
+    ):
+        with pytest.raises(EtcdProtocolError):
+            _watch_result(bad, "e")
