@@ -15,6 +15,7 @@ from typing import Any
 from structlog.testing import capture_logs
 
 from announcer.agent import Agent
+from announcer.checks import CheckResult
 from announcer.config import load_config
 from announcer.errors import EtcdUnavailable
 from announcer.metrics import Metrics
@@ -150,3 +151,102 @@ async def test_a_pass_longer_than_the_ttl_keeps_the_one_lease(tmp_path: Path) ->
             server.close()
     assert store.calls.count("grant") == 1  # one lease for the whole run
     assert not [e for e in logs if e["event"] in ("lease lost", "record missing, putting it back")]
+
+
+# -- the lifecycle's decisions, fast (each is also tested end to end on real etcd) -------------
+
+
+async def test_maintenance_withdraws_and_its_end_announces_again(tmp_path: Path) -> None:
+    registrar, store = memory_registrar()
+    flag = tmp_path / "maintenance"
+    async with agent_on(registrar, maintenance_file=str(flag)) as (agent, _):
+        await eventually(lambda: agent.registered, what="announced")
+        key = agent.services[0].config.key
+        flag.touch()
+        await eventually(lambda: store.value(key) is None, what="withdrawn for maintenance")
+        assert agent.services[0].status.maintenance
+        assert sample(agent, "announcer_withdrawals_total", reason="maintenance") == 1
+        rounds = agent.status.rounds
+        await eventually(lambda: agent.status.rounds >= rounds + 3, what="checks go on")
+        assert store.value(key) is None  # still withdrawn while the file exists
+        flag.unlink()
+        await eventually(lambda: store.value(key) is not None, what="announced again")
+
+
+async def test_flap_damping_holds_back_an_announcement_past_the_limit() -> None:
+    registrar, store = memory_registrar()
+    async with agent_on(registrar, flap_limit="1/60") as (agent, _):
+        await eventually(lambda: agent.registered, what="the one announcement the window allows")
+        service = agent.services[0]
+        key = service.config.key
+        # The check fails once (rise = fall = 1), then passes again: a second announcement
+        # within the window is held back.
+        service.observe(service.config, [CheckResult(False, "down")])
+        await eventually(lambda: store.value(key) is None, what="withdrawn")
+        rounds = agent.status.rounds
+        await eventually(lambda: agent.status.rounds >= rounds + 5, what="passing rounds")
+        assert store.value(key) is None
+        assert service.status.damped
+        assert sample(agent, "announcer_flap_suppressed_total") == 1
+
+
+async def test_shutdown_withdraws_then_drains_then_revokes() -> None:
+    registrar, store = memory_registrar()
+    with capture_logs() as logs:
+        async with agent_on(registrar, drain="0.3") as (agent, notifier):
+            await eventually(lambda: agent.registered, what="announced")
+            lease = registrar.lease
+    events = [e["event"] for e in logs]
+    order = [events.index(e) for e in ("shutting down", "withdrawn; draining before exit")]
+    assert order == sorted(order)
+    assert store.data == {}  # withdrawn
+    assert lease not in store.leases  # revoked
+    assert store.calls[-2:] == ["write", "revoke"]  # the withdraw before the revoke, nothing after
+    assert any(line.startswith("STATUS=withdrawn; draining") for line in notifier.lines)
+
+
+async def test_no_drain_when_nothing_was_announced() -> None:
+    registrar, _ = memory_registrar()
+    listener = SilentListener()
+    listener.close()  # nothing listens: the tcp check fails, nothing is announced
+    config = agent_config("http://127.0.0.1:1", listener.port, check=["tcp"], interval="0.05", timeout="0.04",
+                          rise="1", fall="1", drain="30")  # fmt: skip
+    agent = Agent(config, registrar=registrar, metrics=Metrics(process=False), notifier=RecordingNotifier())
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.serve(stop.wait()))
+    await eventually(lambda: agent.status.rounds >= 2, what="failing rounds")
+    stop.set()
+    await asyncio.wait_for(task, 5)  # far less than the 30 s drain: there was nothing to drain
+
+
+async def test_reload_keeps_replaces_and_removes_services(tmp_path: Path) -> None:
+    server = await asyncio.start_server(lambda _r, w: w.close(), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+
+    def host(*services: tuple[str, str]) -> Any:
+        lines = ['ip = "127.0.0.1"', 'etcd_endpoints = "http://127.0.0.1:1"', "rise = 1", "fall = 1",
+                 "interval = 0.05", "timeout = 0.04", 'checks = ["tcp"]']  # fmt: skip
+        for name, key in services:
+            lines += ["[[services]]", f'service = "{name}"', f"port = {port}", f'key = "{key}"']
+        (tmp_path / "host.toml").write_text("\n".join(lines) + "\n")
+        return load_config({"config": str(tmp_path / "host.toml")}, {}, AMBIENT)
+
+    registrar, store = memory_registrar()
+    agent = Agent(host(("a", "/a"), ("b", "/b")), registrar=registrar, metrics=Metrics(process=False),
+                  notifier=RecordingNotifier())  # fmt: skip
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.serve(stop.wait()))
+    try:
+        await eventually(lambda: set(store.data) == {"/a", "/b"}, what="both announced")
+        kept = next(s for s in agent.services if s.config.service == "a")
+        revision_a = store.data["/a"].mod_revision
+        agent.apply(host(("a", "/a"), ("c", "/c")))  # a kept, b removed, c added
+        await eventually(lambda: set(store.data) == {"/a", "/c"}, what="b withdrawn, c announced")
+        assert next(s for s in agent.services if s.config.service == "a") is kept  # the same instance
+        assert store.data["/a"].mod_revision == revision_a  # left alone: no write at all
+        agent.apply(host(("a", "/a2"), ("c", "/c")))  # a's key changes: a move, one transaction
+        await eventually(lambda: set(store.data) == {"/a2", "/c"}, what="a moved")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        server.close()
