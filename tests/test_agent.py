@@ -1,168 +1,276 @@
-"""The agent end to end, in-process: real etcd, real HTTP service, real clock."""
+"""The agent's own decisions (announcer/agent.py, service.py), fast, on the in-memory registrar.
+
+Everything here that concerns etcd itself is also tested against a real etcd
+(tests/test_agent_etcd.py, test_lifecycle.py); these tests pin down the decisions:
+READY, backoff, refusals, a lost lease, a long pass, maintenance, flap damping, the
+shutdown order and drain, reload's keep/replace/remove.
+"""
 
 from __future__ import annotations
 
-import json
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from announcer.health import Health
-from tests.agent_helpers import agent_config, eventually, running, sample
-from tests.servers import EtcdServer, HttpService, SilentListener, Watcher
-
-KEY_OF = "/services/web/127.0.0.1:{port}"
-
-
-async def test_announces_after_rise_passes(etcd: EtcdServer, http_service: HttpService) -> None:
-    key = KEY_OF.format(port=http_service.port)
-    async with running(agent_config(etcd.url, http_service.port, meta=["zone=a"])) as agent:
-        await eventually(lambda: etcd.get(key) is not None, what="announce")
-        assert agent.status.rounds >= 2  # rise = 2
-        kv = etcd.get(key)
-        assert kv is not None
-        assert json.loads(kv["value"]) == {
-            "host": "node-1",
-            "ipv4_addr": "127.0.0.1",
-            "port": http_service.port,
-            "zone": "a",
-        }
-        assert kv["lease"] > 0
-        assert etcd.lease_ttl(kv["lease"]) > 0
-    # on shutdown: record withdrawn, lease revoked
-    assert etcd.get(key) is None
-    assert etcd.lease_ttl(kv["lease"]) == -1
+from announcer.agent import Agent, Backoff
+from announcer.checks import CheckResult
+from announcer.config import load_config
+from announcer.errors import EtcdUnavailable
+from announcer.metrics import Metrics
+from announcer.registrar import Registrar
+from announcer.registrar.etcd_client import EtcdAuthError
+from tests.agent_helpers import AMBIENT, agent_config, eventually, sample
+from tests.memory_store import memory_registrar
+from tests.servers import SilentListener
 
 
-async def test_steady_state_is_keepalives_only(etcd: EtcdServer, http_service: HttpService) -> None:
-    key = KEY_OF.format(port=http_service.port)
-    async with running(agent_config(etcd.url, http_service.port)) as agent:
-        await eventually(lambda: etcd.get(key) is not None, what="announce")
-        kv = etcd.get(key)
-        assert kv is not None
-        watcher = Watcher(etcd, "/services/")
-        revision = etcd.revision()
-        start = sample(agent, "announcer_etcd_requests_total", operation="keepalive", outcome="ok")
-        # TTL 3 means a keepalive every second; see four of them
-        await eventually(
-            lambda: (
-                sample(agent, "announcer_etcd_requests_total", operation="keepalive", outcome="ok")
-                >= start + 4
-            ),
-            timeout=15,
-            what="four keepalives",
-        )
-        after = etcd.get(key)
-        assert after is not None
-        assert after["mod_revision"] == kv["mod_revision"]
-        assert etcd.revision() == revision  # no write at all, by anyone
-        assert watcher.events == []  # a consumer watching the prefix saw nothing
-        assert sample(agent, "announcer_etcd_requests_total", operation="put", outcome="ok") == 1
-        assert etcd.lease_ttl(after["lease"]) >= 1
-        watcher.close()
+class RecordingNotifier:
+    """What the agent tells systemd, kept in a list (the real socket is tested elsewhere)."""
+
+    watchdog_period = None
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def send(self, *lines: str) -> None:
+        self.lines.extend(lines)
+
+    def close(self) -> None:
+        return
 
 
-async def test_withdraws_on_failure_and_announces_again(
-    etcd_any: EtcdServer, http_service: HttpService
-) -> None:
-    # On etcd 3.5 and Debian's 3.4 alike.
-    etcd = etcd_any
-    key = KEY_OF.format(port=http_service.port)
-    async with running(agent_config(etcd.url, http_service.port)) as agent:
-        await eventually(lambda: etcd.get(key) is not None, what="announce")
-        lease = etcd.get(key)["lease"]  # type: ignore[index]
-        with capture_logs() as logs:
-            http_service.status = 503
-            await eventually(lambda: etcd.get(key) is None, what="withdraw")
-            assert agent.status.health is Health.FAILING
-            rounds = agent.status.rounds
-            await eventually(lambda: agent.status.rounds >= rounds + 3, what="checks go on")
-            http_service.status = 200
-            await eventually(lambda: etcd.get(key) is not None, what="announce again")
-            # the put lands in etcd before the agent logs it: wait for the line asserted below
+@contextlib.asynccontextmanager
+async def agent_on(
+    registrar: Registrar,
+    **flags: Any,  # type: ignore[type-arg]
+) -> AsyncIterator[tuple[Agent, RecordingNotifier]]:
+    listener = SilentListener()  # accepts connections: a passing tcp check
+    notifier = RecordingNotifier()
+    config = agent_config("http://127.0.0.1:1", listener.port, check=["tcp"], interval="0.05", timeout="0.04",
+                          rise="1", fall="1", **flags)  # fmt: skip
+    agent = Agent(config, registrar=registrar, metrics=Metrics(process=False), notifier=notifier)
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.serve(stop.wait()))
+    try:
+        yield agent, notifier
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        listener.close()
+
+
+async def test_ready_once_after_the_first_verdict_is_in_etcd() -> None:
+    registrar, store = memory_registrar()
+    async with agent_on(registrar) as (agent, notifier):
+        await eventually(lambda: "READY=1" in notifier.lines, what="READY")
+        assert store.data  # the record was in "etcd" before READY
+        rounds = agent.status.rounds
+        await eventually(lambda: agent.status.rounds >= rounds + 5, what="more rounds")
+    assert notifier.lines.count("READY=1") == 1
+    assert notifier.lines.index("STATUS=announced; service passing, registered") < notifier.lines.index(
+        "READY=1"
+    )
+
+
+async def test_unreachable_is_logged_once_and_backoff_resets() -> None:
+    registrar, store = memory_registrar()
+    store.fail(*[EtcdUnavailable("etcd down")] * 4)
+    with capture_logs() as logs:
+        async with agent_on(registrar) as (agent, _):
+            await eventually(lambda: agent.registered, what="announced once etcd is back")
+            store.fail(EtcdUnavailable("etcd down again"))
+            agent._wake.set()
             await eventually(
-                lambda: [e["event"] for e in logs].count("announced") >= 1, what="announced logged"
+                lambda: [e["event"] for e in logs].count("etcd reachable again") >= 1, what="back"
             )
-        assert etcd.get(key)["lease"] == lease  # type: ignore[index]  # one lease for the agent's life
-        events = [entry["event"] for entry in logs if entry["log_level"] != "debug"]
-        # (the first announce's own log line may land just inside the capture)
-        events = events[events.index("service unhealthy") :]
-        assert events == ["service unhealthy", "withdrawn", "service healthy", "announced"]
-        unhealthy = next(e for e in logs if e["event"] == "service unhealthy")
-        assert unhealthy["failing"] == {f"http://127.0.0.1:{http_service.port}/": "HTTP 503"}
-        assert sample(agent, "announcer_withdrawals_total", reason="check_failure") == 1
+    events = [e["event"] for e in logs]
+    assert events.count("etcd unreachable") == 1  # one line for the outage, not one per retry
+    retries = [e["retry_in"] for e in logs if "retry_in" in e]
+    assert retries  # the delays grew while etcd stayed away ...
+    assert max(retries[:4]) > min(retries[:4])
+
+
+async def test_a_refusal_is_logged_once_per_distinct_message() -> None:
+    registrar, store = memory_registrar()
+    store.fail(*[EtcdAuthError("permission denied")] * 3, *[EtcdAuthError("user unknown")] * 2)
+    with capture_logs() as logs:
+        async with agent_on(registrar) as (agent, _):
+            await eventually(lambda: agent.registered, what="announced after the refusals")
+    refusals = [e["error"] for e in logs if e["event"] == "etcd refused the request"]
+    assert refusals == ["permission denied", "user unknown"]
+    assert agent.etcd_reachable is True  # a refusal is an answer
+
+
+async def test_a_lost_lease_counts_one_withdrawal_and_one_announcement() -> None:
+    registrar, store = memory_registrar(ttl=3)  # a keepalive every second
+    async with agent_on(registrar) as (agent, _):
+        await eventually(lambda: agent.registered, what="announce")
+        first = registrar.lease
+        with capture_logs() as logs:
+            store.expire()  # etcd forgets the lease: the next keepalive finds out
+            await eventually(
+                lambda: agent.registered and registrar.lease != first,
+                timeout=5,
+                what="put back on a new lease",
+            )
+        assert [(e["event"], e.get("records")) for e in logs if e["event"] == "lease lost"] == [
+            ("lease lost", 1)
+        ]
+        assert sample(agent, "announcer_withdrawals_total", reason="lease_lost") == 1
         assert sample(agent, "announcer_announcements_total") == 2
 
 
-async def test_never_deletes_a_successors_record(etcd: EtcdServer, http_service: HttpService) -> None:
-    key = KEY_OF.format(port=http_service.port)
-    async with running(agent_config(etcd.url, http_service.port)) as agent:
-        await eventually(lambda: etcd.get(key) is not None, what="announce")
-        successor = etcd.grant(30)
-        with capture_logs() as logs:
-            etcd.put(key, '{"host":"successor"}', successor)
-            # the agent notices at its next keepalive, logs it once and leaves the key alone
-            await eventually(
-                lambda: any(e["event"] == "key held by another lease, leaving it alone" for e in logs),
-                what="the takeover noticed",
-            )
-            # displaced: the agent no longer claims to be registered, though its checks pass
-            assert agent.status.health is Health.PASSING
-            assert not agent.registered
-            assert sample(agent, "announcer_registered") == 0
-            rounds = agent.status.rounds
-            await eventually(lambda: agent.status.rounds >= rounds + 5, what="keepalives and rounds go on")
-        assert etcd.value(key) == {"host": "successor"}
-    # Not even the shutdown removed it. (Only this agent's own FAILING verdict may remove a
-    # record on another lease at its key: tests/test_lifecycle.py shows that case.)
-    assert etcd.value(key) == {"host": "successor"}
-    assert etcd.get(key)["lease"] == successor  # type: ignore[index]
+async def test_a_pass_longer_than_the_ttl_keeps_the_one_lease(tmp_path: Path) -> None:
+    # #18: a pass of announcements longer than the TTL once let the shared lease expire,
+    # and every record dropped at once. The store here is slow (50 ms a written key, so a
+    # pass of 120 announcements takes about 6 s, twice the TTL) and its lease really
+    # expires when it is not kept alive in time: the keepalive must run during the pass.
+    server = await asyncio.start_server(lambda _r, w: w.close(), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    count = 120
+    lines = ["ttl = 3", 'ip = "127.0.0.1"', "rise = 1", "fall = 1", 'etcd_endpoints = "http://127.0.0.1:1"']
+    for n in range(count):
+        lines += ["[[services]]", f'service = "s{n}"', f"port = {port}", f'key = "/long/{n}"',
+                  "interval = 0.5", "timeout = 0.4", 'checks = ["tcp"]']  # fmt: skip
+    (tmp_path / "long.toml").write_text("\n".join(lines) + "\n")
+    config = load_config({"config": str(tmp_path / "long.toml")}, {}, AMBIENT)
+    registrar, store = memory_registrar(ttl=3, latency=0.05)
+    agent = Agent(config, registrar=registrar, metrics=Metrics(process=False), notifier=RecordingNotifier())
+    stop = asyncio.Event()
+    with capture_logs() as logs:
+        task = asyncio.create_task(agent.serve(stop.wait()))
+        try:
+            await eventually(lambda: len(store.data) == count, timeout=30, what="every record in place")
+            assert store.calls.count("keepalive") >= 3  # kept alive while the pass ran
+            assert agent.registered
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 20)
+            server.close()
+    assert store.calls.count("grant") == 1  # one lease for the whole run
+    assert not [e for e in logs if e["event"] in ("lease lost", "record missing, putting it back")]
 
 
-async def test_record_deleted_by_hand_is_put_back(etcd: EtcdServer, http_service: HttpService) -> None:
-    key = KEY_OF.format(port=http_service.port)
-    async with running(agent_config(etcd.url, http_service.port)):
-        await eventually(lambda: etcd.get(key) is not None, what="announce")
-        etcd.delete(key)
-        await eventually(lambda: etcd.get(key) is not None, timeout=5, what="put back at the next keepalive")
+# -- the lifecycle's decisions, fast (each is also tested end to end on real etcd) -------------
 
 
-async def test_etcd_killed_and_restarted_empty(etcd: EtcdServer, http_service: HttpService) -> None:
-    key = KEY_OF.format(port=http_service.port)
-    async with running(agent_config(etcd.url, http_service.port)) as agent:
-        await eventually(lambda: etcd.get(key) is not None, what="announce")
-        old_lease = etcd.get(key)["lease"]  # type: ignore[index]
-        with capture_logs() as logs:
-            etcd.kill()
-            etcd.wipe()
-            await eventually(lambda: agent.status.etcd_reachable is False, what="etcd seen as down")
-            rounds = agent.status.rounds
-            await eventually(
-                lambda: agent.status.rounds >= rounds + 5, what="checks go on while etcd is down"
-            )
-            etcd.start()
-            await eventually(lambda: etcd.get(key) is not None, timeout=15, what="announced again")
-            await eventually(lambda: agent.status.etcd_reachable is True, what="etcd seen back")
-        kv = etcd.get(key)
-        assert kv is not None
-        assert kv["lease"] != old_lease
-        events = [entry["event"] for entry in logs if entry["log_level"] != "debug"]
-        assert "etcd unreachable" in events
-        assert "etcd reachable again" in events
-        assert "lease lost" in events
-        assert events.count("etcd unreachable") == 1  # one line per outage, not per retry
-        assert sample(agent, "announcer_withdrawals_total", reason="lease_lost") == 1
-        assert sample(agent, "announcer_lease_grants_total") == 2
+async def test_maintenance_withdraws_and_its_end_announces_again(tmp_path: Path) -> None:
+    registrar, store = memory_registrar()
+    flag = tmp_path / "maintenance"
+    async with agent_on(registrar, maintenance_file=str(flag)) as (agent, _):
+        await eventually(lambda: agent.registered, what="announced")
+        key = agent.services[0].config.key
+        flag.touch()
+        await eventually(lambda: store.value(key) is None, what="withdrawn for maintenance")
+        assert agent.services[0].status.maintenance
+        assert sample(agent, "announcer_withdrawals_total", reason="maintenance") == 1
+        rounds = agent.status.rounds
+        await eventually(lambda: agent.status.rounds >= rounds + 3, what="checks go on")
+        assert store.value(key) is None  # still withdrawn while the file exists
+        flag.unlink()
+        await eventually(lambda: store.value(key) is not None, what="announced again")
 
 
-async def test_service_that_never_answers_fails_at_the_timeout(etcd: EtcdServer) -> None:
-    silent = SilentListener()
+async def test_flap_damping_holds_back_an_announcement_past_the_limit() -> None:
+    registrar, store = memory_registrar()
+    async with agent_on(registrar, flap_limit="1/60") as (agent, _):
+        await eventually(lambda: agent.registered, what="the one announcement the window allows")
+        service = agent.services[0]
+        key = service.config.key
+        # The check fails once (rise = fall = 1), then passes again: a second announcement
+        # within the window is held back.
+        service.observe(service.config, [CheckResult(False, "down")])
+        await eventually(lambda: store.value(key) is None, what="withdrawn")
+        rounds = agent.status.rounds
+        await eventually(lambda: agent.status.rounds >= rounds + 5, what="passing rounds")
+        assert store.value(key) is None
+        assert service.status.damped
+        assert sample(agent, "announcer_flap_suppressed_total") == 1
+
+
+async def test_shutdown_withdraws_then_drains_then_revokes() -> None:
+    registrar, store = memory_registrar()
+    with capture_logs() as logs:
+        async with agent_on(registrar, drain="0.3") as (agent, notifier):
+            await eventually(lambda: agent.registered, what="announced")
+            lease = registrar.lease
+    events = [e["event"] for e in logs]
+    order = [events.index(e) for e in ("shutting down", "withdrawn; draining before exit")]
+    assert order == sorted(order)
+    assert store.data == {}  # withdrawn
+    assert lease not in store.leases  # revoked
+    assert store.calls[-2:] == ["write", "revoke"]  # the withdraw before the revoke, nothing after
+    assert any(line.startswith("STATUS=withdrawn; draining") for line in notifier.lines)
+
+
+async def test_no_drain_when_nothing_was_announced() -> None:
+    registrar, _ = memory_registrar()
+    listener = SilentListener()
+    listener.close()  # nothing listens: the tcp check fails, nothing is announced
+    config = agent_config("http://127.0.0.1:1", listener.port, check=["tcp"], interval="0.05", timeout="0.04",
+                          rise="1", fall="1", drain="30")  # fmt: skip
+    agent = Agent(config, registrar=registrar, metrics=Metrics(process=False), notifier=RecordingNotifier())
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.serve(stop.wait()))
+    await eventually(lambda: agent.status.rounds >= 2, what="failing rounds")
+    stop.set()
+    await asyncio.wait_for(task, 5)  # far less than the 30 s drain: there was nothing to drain
+
+
+async def test_reload_keeps_replaces_and_removes_services(tmp_path: Path) -> None:
+    server = await asyncio.start_server(lambda _r, w: w.close(), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+
+    def host(*services: tuple[str, str]) -> Any:
+        lines = ['ip = "127.0.0.1"', 'etcd_endpoints = "http://127.0.0.1:1"', "rise = 1", "fall = 1",
+                 "interval = 0.05", "timeout = 0.04", 'checks = ["tcp"]']  # fmt: skip
+        for name, key in services:
+            lines += ["[[services]]", f'service = "{name}"', f"port = {port}", f'key = "{key}"']
+        (tmp_path / "host.toml").write_text("\n".join(lines) + "\n")
+        return load_config({"config": str(tmp_path / "host.toml")}, {}, AMBIENT)
+
+    registrar, store = memory_registrar()
+    agent = Agent(host(("a", "/a"), ("b", "/b")), registrar=registrar, metrics=Metrics(process=False),
+                  notifier=RecordingNotifier())  # fmt: skip
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.serve(stop.wait()))
     try:
-        config = agent_config(etcd.url, silent.port, check=None)
-        async with running(config) as agent:
-            await eventually(lambda: agent.status.health is Health.FAILING, what="failing verdict")
-            rounds = agent.status.rounds
-            await eventually(lambda: agent.status.rounds >= rounds + 5, what="the loop keeps its cadence")
-            assert all(r.detail == "timed out after 0.15s" for r in agent.status.results)
-            assert etcd.get(KEY_OF.format(port=silent.port)) is None
+        await eventually(lambda: set(store.data) == {"/a", "/b"}, what="both announced")
+        kept = next(s for s in agent.services if s.config.service == "a")
+        revision_a = store.data["/a"].mod_revision
+        agent.apply(host(("a", "/a"), ("c", "/c")))  # a kept, b removed, c added
+        await eventually(lambda: set(store.data) == {"/a", "/c"}, what="b withdrawn, c announced")
+        assert next(s for s in agent.services if s.config.service == "a") is kept  # the same instance
+        assert store.data["/a"].mod_revision == revision_a  # left alone: no write at all
+        agent.apply(host(("a", "/a2"), ("c", "/c")))  # a's key changes: a move, one transaction
+        await eventually(lambda: set(store.data) == {"/a2", "/c"}, what="a moved")
     finally:
-        silent.close()
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        server.close()
+
+
+# -- the retry backoff: exponential, capped, jittered, reset by a success --------------------------
+
+
+@given(st.floats(0.01, 1), st.floats(1, 30), st.integers(1, 40))
+def test_delays_grow_to_the_cap_with_jitter(base: float, cap: float, attempts: int) -> None:
+    backoff = Backoff(base=base, cap=cap)
+    for n in range(attempts):
+        delay = backoff.next_delay()
+        nominal = min(cap, base * 2**n)
+        assert nominal / 2 <= delay <= nominal  # jitter takes at most half off, never adds
+
+
+def test_reset_starts_over() -> None:
+    backoff = Backoff(base=0.5, cap=8)
+    for _ in range(10):
+        backoff.next_delay()
+    backoff.reset()
+    assert backoff.next_delay() <= 0.5
