@@ -599,6 +599,8 @@ _MEASURE = (
 )
 
 
+from bench.consumers import traefik  # noqa: E402 - the consumers' benchmark lives in its own module
+
 BENCHMARKS: dict[str, Callable[[Mode], Rows]] = {
     "detection": detection,
     "noise": noise,
@@ -613,6 +615,7 @@ BENCHMARKS: dict[str, Callable[[Mode], Rows]] = {
     "memory": memory,
     "launch": launch,
     "imports": imports,
+    "traefik": traefik,
 }
 
 

@@ -30,6 +30,7 @@ EXPECTED_ROWS = {
     "memory": 3,
     "launch": 5,
     "imports": 8,
+    "traefik": 4,  # announcer and the loop: an instance killed, a rolling restart
 }
 
 
