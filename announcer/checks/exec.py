@@ -96,8 +96,11 @@ class ExecCheck:
             # Whatever happened (exit, time limit, shutdown): no process of the run may outlive it.
             _kill_group(process.pid)
             if process.returncode is None:  # cut short: kill it (even out of its group), reap it
+                # os.kill, not process.kill(): Popen.send_signal polls first, and that waitpid
+                # would reap the program behind asyncio's back (its watcher then reports an
+                # "unknown child" with exit status 255). Unreaped, the pid cannot be reused.
                 with contextlib.suppress(ProcessLookupError):
-                    process.kill()
+                    os.kill(process.pid, signal.SIGKILL)
                 await _reaped(process)
             detail = output.close().decode(errors="replace").strip()
             _REAPER.release_when_reaped(process)
