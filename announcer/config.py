@@ -55,6 +55,7 @@ __all__ = ["Ambient", "Config", "ServiceConfig", "load_config", "primary_ipv4"]
 
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+EVENT_LOOPS = ("auto", "asyncio")
 SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 TTL_LIMIT = 9_000_000_000  # etcd's own maximum lease TTL
 
@@ -130,6 +131,7 @@ def _load(flags: Mapping[str, Any], env: Mapping[str, str], ambient: Ambient) ->
         log_format=choice("log_format", pick("log_format", default(Config, "log_format")), LOG_FORMATS),
         log_level=choice("log_level", pick("log_level", default(Config, "log_level")), LOG_LEVELS),
         metrics_address=address(pick("metrics_address")),
+        event_loop=choice("event_loop", pick("event_loop", default(Config, "event_loop")), EVENT_LOOPS),
     )
 
 

@@ -105,6 +105,7 @@ class Config:
     log_format: str = "auto"
     log_level: str = "info"
     metrics_address: tuple[str, int] | None = None
+    event_loop: str = "auto"  # auto: uvloop where it is installed, else asyncio's own
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -252,6 +253,9 @@ def _settings() -> tuple[Setting, ...]:
                 shown_default="off"),
         Setting("metrics_address", "HOST:PORT", "Serve /metrics and /healthz.", shown_default="off",
                 restart="metrics_address"),
+        Setting("event_loop", "auto|asyncio", "The agent's event loop: auto takes uvloop where it is "
+                "installed; asyncio forces asyncio's own.", shown_default=_shown(C, "event_loop"),
+                restart="event_loop"),
         Setting("log_format", "auto|json|console", "JSON when stderr is not a terminal.",
                 shown_default=_shown(C, "log_format"), restart="log_format", commands=_ALL),
         Setting("log_level", "debug|info|warning|error", "How much is logged.",

@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -182,3 +183,37 @@ def test_check_keeps_the_default_action_of_sigterm(http_service: HttpService) ->
         time.sleep(0.3)  # the timing is the stimulus
         process.send_signal(signal.SIGTERM)
         assert process.wait(15) == -signal.SIGTERM
+
+
+@pytest.mark.parametrize(
+    ("setting", "hide_uvloop", "said"),
+    [
+        (None, False, "event loop: uvloop"),
+        ("asyncio", False, "event loop: asyncio's own, as configured"),
+        (None, True, "event loop: asyncio's own (uvloop cannot be imported here)"),
+    ],
+    ids=["uvloop", "forced-asyncio", "no-uvloop"],
+)
+def test_the_agent_runs_on_uvloop_where_it_can(
+    etcd: EtcdServer,
+    http_service: HttpService,
+    tmp_path: Path,
+    setting: str | None,
+    hide_uvloop: bool,
+    said: str,
+) -> None:
+    env = {"ANNOUNCER_LOG_LEVEL": "debug"}
+    if setting is not None:
+        env["ANNOUNCER_EVENT_LOOP"] = setting
+    if hide_uvloop:  # as on a platform where it does not build
+        (tmp_path / "uvloop.py").write_text("raise ImportError('not on this platform')\n")
+        env["PYTHONPATH"] = str(tmp_path)
+    key = f"/services/web/127.0.0.1:{http_service.port}"
+    with announcer_process(*agent_args(etcd, http_service.port), env=env) as agent:
+        log = StderrLog(agent.stderr)
+        wait_until(lambda: etcd.get(key) is not None, 20, "announced")
+        wait_until(lambda: log.saw(said), 5, said)
+        assert [e["event"] for e in log.events].count(said) == 1  # said once
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(15) == 0
+    assert etcd.get(key) is None
