@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
 import os
 import shlex
@@ -103,7 +102,8 @@ class ExecCheck:
                     os.kill(process.pid, signal.SIGKILL)
                 await _reaped(process)
             detail = output.close().decode(errors="replace").strip()
-            _REAPER.release_when_reaped(process)
+            if process.returncode is not None:
+                _REAPER.spawned.discard(process.pid)  # asyncio has reaped it
             _REAPER.end_run(run)
         if code == 0:
             return CheckResult(True, detail or "exit status 0")
@@ -173,7 +173,6 @@ class _Reaper:
         self._killed: set[int] = set()
         self.spawned: set[int] = set()  # the programs themselves: asyncio waits for those
         self.spawning = 0  # programs being started, whose pids are not known yet
-        self._waiting: set[asyncio.Future[int]] = set()  # asyncio's waits for programs cut short
         self._prefix = ""
 
     def start(self) -> None:
@@ -202,29 +201,9 @@ class _Reaper:
                 self._killed.add(pid)
         self._reap()
 
-    def release_when_reaped(self, process: asyncio.subprocess.Process) -> None:
-        """A program is asyncio's to reap, never the sweep's: it stays in ``spawned`` until then.
-
-        (A sweep that reaped a program asyncio still waited for would leave asyncio an
-        'unknown child' and a wrong exit status.)
-        """
-        if process.returncode is not None:
-            self.spawned.discard(process.pid)
-            return
-        waiting = asyncio.ensure_future(process.wait())
-        self._waiting.add(waiting)
-        waiting.add_done_callback(functools.partial(self._released, process.pid))
-
-    def _released(self, pid: int, done: asyncio.Future[int]) -> None:
-        self._waiting.discard(done)
-        self.spawned.discard(pid)
-
     def _reap(self, tries: int = 50) -> None:
         """Reap what we killed; a SIGKILLed process takes a moment to die, so look again soon."""
         for pid in list(self._killed):
-            if pid in self.spawned:  # a program: asyncio reaps it
-                self._killed.discard(pid)
-                continue
             try:
                 done, _ = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:  # not (yet) our child: reaped by its parent, or adopted later
