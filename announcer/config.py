@@ -38,7 +38,7 @@ from announcer.convert import (
 )
 from announcer.errors import ConfigError
 from announcer.files import collect_warnings, collected_warnings, read_secret_file, read_small_file
-from announcer.publish import FORMATS, TRAEFIK_SCHEMES, Pair, Publishing, render_pairs, zone_path
+from announcer.publish import FORMATS, TRAEFIK_SCHEMES, Pair, Publishing, render_pairs, roots
 from announcer.record import Record, render, render_key, render_path
 from announcer.settings import (
     DEFAULT_CHECK,
@@ -174,7 +174,6 @@ def _build_service(layers: list[Layer], ambient: Ambient, number: int, ttl: int)
     record = Record(hostname, ip, port, record_meta)
     record.check_size()
     pairs = render_pairs(record, service=service, json_key=key, publishing=publishing, lease_ttl=ttl)
-    _no_shared_keys_within(pairs, f"{service}:{port}")
     raw_maintenance = pick("maintenance_file")
     return ServiceConfig(
         service=service,
@@ -230,22 +229,7 @@ def load_listing(flags: Mapping[str, Any], env: Mapping[str, str], prefix: str |
 
 
 def _roots(pick: Picker) -> list[str]:
-    """The fixed part of every key the configured formats write: what `ls` lists by default."""
-    publishing = _publishing(pick)
-    templates = {
-        "json": text("key", pick("key", DEFAULT_KEY)),
-        "plain": publishing.plain_key,
-        "traefik": f"{publishing.traefik_root}/http/",
-        "traefik-tcp": f"{publishing.traefik_root}/tcp/",
-        "skydns": f"{publishing.skydns_prefix}/{zone_path(publishing.skydns_zone)}/",
-    }
-    return [_fixed_part(templates[fmt]) for fmt in publishing.formats]
-
-
-def _fixed_part(template: str) -> str:
-    """``/services/{service}/{ip}:{port}`` -> ``/services/``: up to the last '/' before a placeholder."""
-    fixed = template.split("{", 1)[0]
-    return fixed[: fixed.rfind("/") + 1] or fixed
+    return roots(_publishing(pick), text("key", pick("key", DEFAULT_KEY)))
 
 
 def _advertised_address(layers: list[Layer], ambient: Ambient) -> tuple[str, str]:
@@ -322,27 +306,20 @@ def _publishing(pick: Picker) -> Publishing:
     )
 
 
-def _no_shared_keys_within(pairs: tuple[Pair, ...], label: str) -> None:
-    seen: dict[str, Pair] = {}
-    for pair in pairs:
-        other = seen.setdefault(pair.key, pair)
-        if other is not pair:
-            raise ConfigError(
-                f"{label}: the {other.format} and {pair.format} formats both render the key {pair.key}; "
-                "give one a key of its own"
-            )
-
-
 def _no_shared_keys(services: tuple[ServiceConfig, ...]) -> None:
+    """Two formats of one instance, or two instances, rendering one key: one line naming both."""
     seen: dict[str, tuple[ServiceConfig, Pair]] = {}
     for svc in services:
         for pair in svc.pairs:
             other, other_pair = seen.setdefault(pair.key, (svc, pair))
-            if other is not svc:
-                raise ConfigError(
-                    f"services {other.label} ({other_pair.format}) and {svc.label} ({pair.format}) both "
-                    f"render the key {pair.key}; give one a key of its own"
-                )
+            if other_pair is pair:
+                continue
+            both = (
+                f"{svc.label}: the {other_pair.format} and {pair.format} formats"
+                if other is svc
+                else f"services {other.label} ({other_pair.format}) and {svc.label} ({pair.format})"
+            )
+            raise ConfigError(f"{both} both render the key {pair.key}; give one a key of its own")
 
 
 def _path(name: str, value: Any) -> Path | None:

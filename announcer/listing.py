@@ -10,7 +10,6 @@ key, so every key and value is shown escaped and cut short, never printed raw.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import signal
 import sys
@@ -133,7 +132,7 @@ async def _ls(listing: Listing, *, as_json: bool, watch: bool) -> int:
     client = EtcdClient(listing.etcd)
     try:
         try:
-            revision, rows, more = await _read(client, listing.prefixes)
+            revisions, rows, more = await _read(client, listing.prefixes)
         except EtcdError as exc:
             sys.stderr.write(f"error: cannot list {', '.join(listing.prefixes)}: {exc}\n")
             return EXIT_UNREADABLE
@@ -145,33 +144,38 @@ async def _ls(listing: Listing, *, as_json: bool, watch: bool) -> int:
             sys.stderr.write("(more keys than shown: give a narrower PREFIX)\n")
         sys.stdout.flush()
         if watch:
-            await _follow(client, listing.prefixes, revision, as_json=as_json)
+            await _follow(client, revisions, as_json=as_json)
         return EXIT_OK
     finally:
         await client.aclose()
 
 
-async def _read(client: EtcdClient, prefixes: tuple[str, ...]) -> tuple[int, list[Entry], bool]:
+async def _read(client: EtcdClient, prefixes: tuple[str, ...]) -> tuple[dict[str, int], list[Entry], bool]:
+    """Every prefix read (each at its own revision, which its watch starts after), as entries."""
     kvs: list[KeyValue] = []
-    revision, more = 0, False
+    revisions: dict[str, int] = {}
+    more = False
     for prefix in prefixes:
-        at, found, cut = await client.list_prefix(prefix)
-        revision, more = max(revision, at), more or cut
+        revisions[prefix], found, cut = await client.list_prefix(prefix)
+        more = more or cut
         kvs += found
     kvs = sorted({kv.key: kv for kv in kvs}.values(), key=lambda kv: kv.key)
     leases = {kv.lease for kv in kvs if kv.lease}
     time_left = {lease: await client.time_left(lease) for lease in sorted(leases)}
-    return revision, entries(kvs, time_left), more
+    return revisions, entries(kvs, time_left), more
 
 
-async def _follow(client: EtcdClient, prefixes: tuple[str, ...], revision: int, *, as_json: bool) -> None:
-    """Print every change until SIGINT or SIGTERM; a broken watch is opened again, gap-free."""
+async def _follow(client: EtcdClient, revisions: dict[str, int], *, as_json: bool) -> None:
+    """Print every change until SIGINT or SIGTERM; each prefix watched from just after its
+    own read, so nothing written between two reads is missed; a broken watch is reopened."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     async with asyncio.TaskGroup() as group:
-        watchers = [group.create_task(_watch(client, p, revision + 1, as_json=as_json)) for p in prefixes]
+        watchers = [
+            group.create_task(_watch(client, p, r + 1, as_json=as_json)) for p, r in revisions.items()
+        ]
         await stop.wait()
         for task in watchers:
             task.cancel()
@@ -187,14 +191,13 @@ async def _watch(client: EtcdClient, prefix: str, start: int, *, as_json: bool) 
                 said_broken = False
         except WatchCompacted as exc:  # read again, then watch from that read's revision
             log.warning("watch compacted; reading again", prefix=prefix, error=str(exc))
-            start, _, _ = await _read(client, (prefix,))
-            start += 1
+            revisions, _, _ = await _read(client, (prefix,))
+            start = revisions[prefix] + 1
         except EtcdError as exc:
             if not said_broken:
                 log.warning("watch broken; opening it again", prefix=prefix, error=str(exc))
                 said_broken = True
-            with contextlib.suppress(TimeoutError):
-                await asyncio.sleep(1.0)  # etcd away: try again each second, from the same revision
+            await asyncio.sleep(1.0)  # etcd away: try again each second, from the same revision
 
 
 def _print_events(events: list[WatchEvent], *, as_json: bool) -> None:

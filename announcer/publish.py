@@ -118,6 +118,20 @@ def _pairs(record: Record, service: str, json_key: str, p: Publishing, lease_ttl
             raise ConfigError(f"--publish {shown(fmt)} must be one of {', '.join(FORMATS)}")
 
 
+def roots(p: Publishing, json_key: str) -> list[str]:
+    """The fixed part of every key the formats write, up to the first placeholder: what
+    `announcer ls` lists by default (``/services/{service}/...`` -> ``/services/``)."""
+    templates = {
+        "json": json_key,
+        "plain": p.plain_key,
+        "traefik": f"{p.traefik_root}/http/",
+        "traefik-tcp": f"{p.traefik_root}/tcp/",
+        "skydns": f"{p.skydns_prefix}/{zone_path(p.skydns_zone)}/",
+    }
+    fixed = [templates[fmt].split("{", 1)[0] for fmt in p.formats]
+    return [part[: part.rfind("/") + 1] or part for part in fixed]
+
+
 def skydns_value(record: Record, p: Publishing, lease_ttl: int) -> bytes:
     body: dict[str, str | int] = {
         "host": record.ipv4_addr,

@@ -67,7 +67,7 @@ def run_agent(config: Config, reload: Loader | None = None) -> int:
 
 
 def event_loop(wanted: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop (libuv's loop: about a third less CPU per probe here) where it can be imported;
+    """uvloop (libuv's loop: about a fifth less CPU per probe here) where it can be imported;
     asyncio's own where it cannot (another platform, PyPy) or when asked; the log says which."""
     if wanted == "asyncio":
         log.info("event loop: asyncio's own, as configured")

@@ -166,9 +166,8 @@ class EtcdClient:
         self._endpoints = [e.rstrip("/") for e in settings.endpoints]
         self._configured = list(self._endpoints)
         self._current = 0
-        self._members_due = (
-            settings.discovery
-        )  # learn the members at the first request, again after a failover
+        # Learn the cluster's members at the first answer, and again after each failover.
+        self._members_due = settings.discovery
         self._said: set[str] = set()  # discovery warnings already logged
         self._token: str | None = None
         self._observe = observe
@@ -528,11 +527,8 @@ class EtcdClient:
         except (httpx.HTTPError, httpx.StreamError, ssl.SSLError, OSError, ValueError) as exc:
             # Transport errors, and whatever else a peer's bytes can make httpx or h11 raise.
             raise EtcdUnavailable(f"{shown}: {describe(exc)}") from None
-        try:
-            answer = json.loads(raw)
-        except (ValueError, RecursionError):
-            answer = None
-        if not isinstance(answer, dict):
+        answer = _json_object(raw)
+        if answer is None:
             raise EtcdProtocolError(
                 f"{shown} does not speak etcd's v3 API: HTTP {status}, {content_type[:60]}, "
                 f"{len(raw)} bytes that are not a JSON object"
@@ -628,7 +624,7 @@ async def _messages(response: httpx.Response, shown: str) -> AsyncIterator[dict[
 def _watch_result(message: dict[str, Any], shown: str) -> tuple[int, list[WatchEvent]] | None:
     """One watch message as (revision, events); None for one that carries no events."""
     if "error" in message:
-        error = message["error"] if isinstance(message["error"], Mapping) else {}
+        error = message["error"]
         raise _error_from(shown, 500, error if isinstance(error, Mapping) else {})
     result = message.get("result")
     if not isinstance(result, Mapping):
