@@ -78,3 +78,56 @@ def test_watch_messages() -> None:
     ):
         with pytest.raises(EtcdProtocolError):
             _watch_result(bad, "e")
+
+
+async def test_a_request_is_never_cut_short_by_its_callers_cancellation() -> None:
+    # A caller stopped mid-request (a loop cancelled at shutdown) stops waiting, but the
+    # exchange goes on to its answer or its own deadline, and the client closes after it.
+    # Cutting it short from outside landed, now and then, in httpcore's loop that closes
+    # dropped connections, and left a connection to etcd unclosed (a ResourceWarning).
+    import asyncio
+    import json
+
+    from announcer.registrar.etcd_client import EtcdClient
+    from announcer.settings import EtcdSettings
+
+    got_request, answered = asyncio.Event(), asyncio.Event()
+    closed_early: list[bool] = []
+
+    async def slow_member(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.lower().split(b"\r\n")
+            if line.startswith(b"content-length")
+        )
+        await reader.readexactly(length)
+        got_request.set()
+        try:  # the answer comes after 0.3 s; a client that hangs up meanwhile is seen here
+            closed_early.append(await asyncio.wait_for(reader.read(1), 0.3) == b"")
+        except TimeoutError:
+            closed_early.append(False)
+        body = json.dumps({"ID": "5", "TTL": "9"}).encode()
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body)
+        )
+        await writer.drain()
+        answered.set()
+        writer.close()
+
+    server = await asyncio.start_server(slow_member, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = EtcdClient(EtcdSettings(endpoints=(f"http://127.0.0.1:{port}",), timeout=2, discovery=False))
+    try:
+        caller = asyncio.create_task(client.keepalive(5))
+        await asyncio.wait_for(got_request.wait(), 5)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        await client.aclose()  # waits for the exchange that is still running
+        assert answered.is_set()
+        assert closed_early == [False]
+    finally:
+        server.close()
+        await server.wait_closed()
