@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import signal
@@ -118,3 +119,32 @@ async def test_ls_watch_sees_an_announce_and_a_withdraw(etcd: EtcdServer, http_s
         reader.join(5)
         watcher.stdout.close()  # type: ignore[union-attr]
         watcher.stderr.close()  # type: ignore[union-attr]
+
+
+async def test_each_prefix_is_watched_from_just_after_its_own_read(etcd: EtcdServer) -> None:
+    # ls reads its prefixes one after another. A write under the first, landing between the
+    # two reads, is in neither list; it must come through the first prefix's watch. Watching
+    # every prefix from the last read's revision (as ls once did) lost it.
+    from announcer.listing import _read
+    from announcer.registrar.etcd_client import EtcdClient
+    from announcer.settings import EtcdSettings
+
+    client = EtcdClient(EtcdSettings(endpoints=(etcd.url,), timeout=2, discovery=False))
+    read = client.list_prefix
+
+    async def read_then_someone_writes(prefix: str, *args: int):  # type: ignore[no-untyped-def]
+        found = await read(prefix, *args)
+        if prefix == "/a/":
+            etcd.put("/a/between", "written between the two reads")
+        return found
+
+    client.list_prefix = read_then_someone_writes  # type: ignore[method-assign]
+    try:
+        revisions, rows, _ = await _read(client, ("/a/", "/b/"))
+        assert rows == []
+        async with asyncio.timeout(5):  # a watch that starts too late waits forever
+            async for _, events in client.watch_prefix("/a/", revisions["/a/"] + 1):
+                assert [e.kv.key for e in events] == [b"/a/between"]
+                break
+    finally:
+        await client.aclose()
