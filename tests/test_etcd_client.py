@@ -131,3 +131,24 @@ async def test_a_request_is_never_cut_short_by_its_callers_cancellation() -> Non
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_a_watch_stream_is_bounded_per_message() -> None:
+    # A watch never ends, so each message is bounded: a peer that sends a line without end,
+    # or a line that is not JSON, is an error of that endpoint, never memory without bound.
+    import httpx
+
+    from announcer.registrar.etcd_client import WATCH_MESSAGE_LIMIT, _messages
+
+    async def messages(body: bytes) -> list[dict[str, Any]]:
+        response = httpx.Response(200, stream=httpx.ByteStream(body))
+        return [m async for m in _messages(response, "http://peer")]
+
+    assert await messages(b'{"result": {}}\n\n{"result": {"a": 1}}\n') == [
+        {"result": {}},
+        {"result": {"a": 1}},
+    ]
+    with pytest.raises(EtcdProtocolError, match="larger than"):
+        await messages(b"{" * (WATCH_MESSAGE_LIMIT + 2))
+    with pytest.raises(EtcdProtocolError, match="not a JSON object"):
+        await messages(b"<html>\n")
