@@ -256,15 +256,23 @@ async def test_exec_output_is_capped(tmp_path: Path) -> None:
     assert len(result.detail) <= 4096 + len("exit status 1: ")
 
 
-async def test_exec_timeout_kills_the_whole_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    started: list[asyncio.subprocess.Process] = []
+@pytest.fixture
+def started(monkeypatch: pytest.MonkeyPatch) -> list[asyncio.subprocess.Process]:
+    """Every program the exec check starts, kept for the test to look at."""
+    kept: list[asyncio.subprocess.Process] = []
     spawn = asyncio.create_subprocess_exec
 
     async def spawn_and_keep(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
-        started.append(await spawn(*args, **kwargs))
-        return started[-1]
+        kept.append(await spawn(*args, **kwargs))
+        return kept[-1]
 
     monkeypatch.setattr(asyncio, "create_subprocess_exec", spawn_and_keep)
+    return kept
+
+
+async def test_exec_timeout_kills_the_whole_group(
+    tmp_path: Path, started: list[asyncio.subprocess.Process]
+) -> None:
     program_pid, child_pid = tmp_path / "program.pid", tmp_path / "child.pid"
     program = script(
         tmp_path,
@@ -306,14 +314,6 @@ async def test_a_program_cut_short_is_reaped_by_asyncio_alone(
         return poll(self, *args, **kwargs)
 
     monkeypatch.setattr(subprocess.Popen, "_internal_poll", spy)
-    started: list[asyncio.subprocess.Process] = []
-    spawn = asyncio.create_subprocess_exec
-
-    async def spawn_and_keep(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
-        started.append(await spawn(*args, **kwargs))
-        return started[-1]
-
-    monkeypatch.setattr(asyncio, "create_subprocess_exec", spawn_and_keep)
     result = await run("exec:" + script(tmp_path, "exec sleep 300\n"), timeout=0.3)
     assert result.detail == "timed out after 0.3s"
     (process,) = started
