@@ -297,7 +297,7 @@ async def test_exec_timeout_kills_the_whole_group(
 
 
 async def test_a_program_cut_short_is_reaped_by_asyncio_alone(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, started: list[asyncio.subprocess.Process]
 ) -> None:
     # After the group kill, the program may already be a zombie. process.kill() goes through
     # Popen.send_signal, which polls first: that waitpid could reap the zombie behind
