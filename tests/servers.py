@@ -101,7 +101,21 @@ class EtcdServer:
             self.wait_ready()
 
     def wait_ready(self, timeout: float = 20.0) -> None:
-        wait_until(self.ready, timeout, f"etcd {self.name} on {self.url}")
+        try:
+            wait_until(self.ready_or_gone, timeout, f"etcd {self.name} on {self.url}")
+        except AssertionError as error:
+            self.kill()  # a member that never came up is not left to outlive its test
+            raise AssertionError(f"{error}; its log ends:\n{self.log_tail()}") from None
+        if not self.ready():
+            raise AssertionError(f"etcd {self.name} on {self.url} exited; its log ends:\n{self.log_tail()}")
+
+    def ready_or_gone(self) -> bool:
+        return (self.process is not None and self.process.poll() is not None) or self.ready()
+
+    def log_tail(self, lines: int = 15) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return "(no log)"
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def ready(self) -> bool:
         try:
@@ -191,6 +205,24 @@ class EtcdServer:
     def lease_ttl(self, lease: int) -> int:
         """Remaining TTL; -1 when the lease does not exist."""
         return int(self.call("/v3/lease/timetolive", {"ID": str(lease)}).get("TTL", -1))
+
+
+def start_etcd(binary: str, data_dir: Path, attempts: int = 3) -> EtcdServer:
+    """A started single member. A free port can be taken between choosing it and etcd's bind
+    (by another worker's server or an outgoing connection's local port): a member that does
+    not come up is killed and started afresh on new ports and a new data directory."""
+    for attempt in range(attempts):
+        server = EtcdServer(
+            binary, data_dir if attempt == 0 else data_dir.with_name(f"{data_dir.name}-{attempt}")
+        )
+        try:
+            server.start()
+        except AssertionError:
+            if attempt == attempts - 1:
+                raise
+            continue
+        return server
+    raise AssertionError("unreachable")
 
 
 class Watcher:
