@@ -367,8 +367,12 @@ class EtcdCluster:
     def start(self) -> None:
         for member in self.members:
             member.start(wait=False)  # members wait for each other: start all, then wait
-        for member in self.members:
-            member.wait_ready(30)
+        try:
+            for member in self.members:
+                member.wait_ready(30)
+        except AssertionError:
+            self.stop()  # the members that did come up are not left running either
+            raise
 
     def stop(self) -> None:
         for member in self.members:
