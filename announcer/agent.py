@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass
 
 import structlog
 
+from announcer.backoff import Backoff
 from announcer.errors import EtcdError, EtcdUnavailable
 from announcer.health import Health
 from announcer.http import EndpointServer, health_report
@@ -33,27 +32,10 @@ from announcer.notify import Notifier
 from announcer.registrar import Registrar
 from announcer.service import Event, ServiceAgent, Status
 from announcer.settings import Config, ServiceConfig
+from announcer.watch import KeyWatch
 
 __all__ = ["Agent", "Backoff", "ServiceAgent", "Status"]
 log = structlog.get_logger("announcer")
-
-
-@dataclass
-class Backoff:
-    """Capped exponential backoff with jitter, so a fleet does not retry in step."""
-
-    base: float
-    cap: float
-    attempts: int = 0
-
-    def next_delay(self) -> float:
-        delay = min(self.cap, self.base * 2.0 ** min(self.attempts, 32))
-        self.attempts += 1
-        jitter: float = random.uniform(0.5, 1.0)  # noqa: S311 - spreads retries, not cryptography
-        return delay * jitter
-
-    def reset(self) -> None:
-        self.attempts = 0
 
 
 async def _wait(event: asyncio.Event, delay: float | None) -> None:
@@ -78,6 +60,9 @@ class Agent:
         self.metrics = metrics
         self.registrar = registrar
         self._wake = asyncio.Event()
+        # The watch's retries are paced like the keepalive's: at most TTL/3 apart.
+        watch_backoff = Backoff(base=0.2, cap=max(0.5, config.ttl / 3))
+        self.watch = KeyWatch(registrar.store, registrar.observe, self._wake, watch_backoff)
         self.services = [self._service(svc) for svc in config.services]
         self.etcd_reachable: bool | None = None
         self._last_refusal: str | None = None
@@ -307,20 +292,20 @@ class Agent:
     # -- the loops that talk to etcd -----------------------------------------------
 
     async def _sync_loop(self) -> None:
-        """Make etcd match what every instance wants; every TTL/3, read it back and repair."""
-        loop = asyncio.get_running_loop()
+        """Make etcd match what every instance wants; look again where the watch saw a change."""
         interval = min(s.config.interval for s in self.services)
         backoff = Backoff(base=min(0.5, interval), cap=max(1.0, interval))
-        repair_due = loop.time() + self._keepalive_period()
+        try:
+            await self._sync_passes(backoff)
+        finally:
+            await self.watch.aclose()
+
+    async def _sync_passes(self, backoff: Backoff) -> None:
         while True:
             self._wake.clear()
             try:
                 asked = await self._reconcile()
-                if loop.time() >= repair_due and self.registrar.lease is not None:
-                    asked = True
-                    repair_due = loop.time() + self._keepalive_period()
-                    if await self.registrar.repair():
-                        asked = await self._reconcile() or asked  # put back what went missing
+                asked = await self._look() or asked
             except EtcdUnavailable as exc:
                 retry = backoff.next_delay()
                 self._set_reachable(False, error=str(exc), retry_in=round(retry, 3))
@@ -338,8 +323,37 @@ class Agent:
                     self._ready = True
                     self._notifier.send("READY=1")
                     self._tell_systemd("ready")
-                delay = None if self.registrar.lease is None else max(0.0, repair_due - loop.time())
+                delay = self.watch.retry_in()
             await _wait(self._wake, delay)
+
+    async def _look(self) -> bool:
+        """Read where needed: every key before a (new) watch opens, else the watch's suspects.
+
+        A read that finds a record missing is followed by the sync that puts it back.
+        True if etcd was asked.
+        """
+        lease = self.registrar.lease
+        if lease is None:
+            self.watch.stop()  # nothing of ours is there; a new lease opens a new watch
+            return False
+        keys = tuple(dict.fromkeys(p.key for s in self.services if not s.retired for p in s.config.pairs))
+        if self.watch.due(lease, keys):
+            self.watch.take_suspects()  # the read covers them
+            revision, missing = await self.registrar.look(keys)
+            if revision and self.registrar.lease == lease:
+                self.watch.start(lease, keys, revision)
+        else:
+            suspects = self.watch.take_suspects()
+            if not suspects:
+                return False
+            try:
+                _, missing = await self.registrar.look(suspects)
+            except EtcdError:
+                self.watch.suspects.update(suspects)  # looked at again on the next pass
+                raise
+        if missing:
+            await self._reconcile()  # put back what went missing
+        return True
 
     async def _reconcile(self) -> bool:
         """One sync of every instance's pairs, then the stale-record looks; True if etcd was asked."""

@@ -21,6 +21,10 @@ class LeaseNotFound(EtcdError):
     """The lease expired or etcd lost it."""
 
 
+class WatchCompacted(EtcdError):
+    """The watch's start revision was compacted away: read again, then watch from there."""
+
+
 def shown(value: object) -> str:
     """A value for an error message: short, one line, and never a whole file's worth."""
     text = repr(value)

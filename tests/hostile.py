@@ -56,7 +56,21 @@ MODES: dict[str, tuple[str | None, bytes | str]] = {
     "flood": (None, "flood"),
     "trickle": (None, "trickle"),
     "shorten-ttl": ("/v3/lease/grant", "shorten-ttl"),  # forwards the grant, asking etcd for 2 s
+    # The watch stream (everything else is forwarded): a stream that says nothing at all,
+    # trickles its first message, floods one endless message, or sends bytes that are not
+    # a watch message.
+    "watch-silent": ("/v3/watch", "watch-silent"),
+    "watch-trickle": ("/v3/watch", "watch-trickle"),
+    "watch-flood": ("/v3/watch", "watch-flood"),
+    "watch-not-json": ("/v3/watch", b"<html>\n"),
+    "watch-bad-event": ("/v3/watch", b'{"result": {"created": true}}\n{"result": {"events": [{"type": "EXPLODE"}]}}\n'),
+    "watch-ends": ("/v3/watch", b'{"result": {"created": true}}\n'),
 }  # fmt: skip
+WATCH_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def _chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
 
 
 class HostileGateway:
@@ -97,7 +111,10 @@ class HostileGateway:
             return
         target, answer = MODES[self.mode]
         if target is not None and path != target:
-            self._forward(sock, path, headers, body)
+            if path == "/v3/watch":
+                self._forward_stream(sock, path, headers, body)
+            else:
+                self._forward(sock, path, headers, body)
             return
         self.hostile_answers += 1
         if answer == "shorten-ttl":
@@ -110,6 +127,15 @@ class HostileGateway:
                 self._flood(sock)
             elif answer == "trickle":
                 self._trickle(sock)
+            elif isinstance(answer, str) and answer.startswith("watch-"):
+                self._watch_stream(sock, answer)
+            elif target == "/v3/watch":
+                assert isinstance(answer, bytes)
+                sock.sendall(WATCH_HEAD + _chunk(answer))
+                if answer.endswith(b'{"created": true}}\n'):
+                    sock.sendall(b"0\r\n\r\n")  # a stream that ends, as a watch never does
+                else:
+                    self._stop.wait(60)  # the client is to hang up on the bad bytes
             else:
                 assert isinstance(answer, bytes)
                 sock.sendall(answer)
@@ -123,6 +149,40 @@ class HostileGateway:
             return
         with contextlib.suppress(OSError):
             sock.sendall(_answer(f"{reply.status_code} X", reply.content))
+
+    def _forward_stream(self, sock: socket.socket, path: str, headers: dict[str, str], body: bytes) -> None:
+        """A streaming answer (a watch) relayed chunk by chunk, until either side hangs up."""
+        auth = {"Authorization": headers["authorization"]} if "authorization" in headers else {}
+        auth.update({k: v for k, v in headers.items() if k.startswith("grpc-metadata-")})
+        with (
+            contextlib.suppress(httpx.HTTPError, OSError),
+            httpx.stream(
+                "POST", self.upstream + path, content=body, headers=auth, timeout=httpx.Timeout(5, read=None)
+            ) as reply,
+        ):
+            sock.sendall(WATCH_HEAD.replace(b"200 OK", f"{reply.status_code} X".encode()))
+            for data in reply.iter_raw():
+                if self._stop.is_set():
+                    return
+                sock.sendall(_chunk(data))
+
+    def _watch_stream(self, sock: socket.socket, mode: str) -> None:
+        sock.sendall(WATCH_HEAD)
+        if mode == "watch-silent":
+            self._stop.wait(60)
+        elif mode == "watch-trickle":
+            deadline = time.monotonic() + 60
+            for byte in b'{"result": {"created": true}}\n':
+                if self._stop.is_set() or time.monotonic() > deadline:
+                    return
+                sock.sendall(_chunk(bytes([byte])))
+                self.sent += 1
+                time.sleep(TRICKLE_EVERY)
+        elif mode == "watch-flood":
+            chunk = _chunk(b"{" * 65536)
+            while self.sent < FLOOD_LIMIT and not self._stop.is_set():
+                sock.sendall(chunk)  # raises once the client hangs up
+                self.sent += 65536
 
     def _flood(self, sock: socket.socket) -> None:
         sock.sendall(

@@ -7,18 +7,20 @@ etcd alike, so the two cannot drift. The registrar on top of it is the real one.
 Leases really expire: a lease not kept alive within its TTL (by ``clock``, which a
 test may pass) is gone with every key on it, as in etcd. ``fail`` queues errors for
 the next calls; ``latency`` makes every written key cost that long, like a slow fsync.
+Every change is kept with its revision, so a watch replays from any revision and then
+follows; ``break_watches`` ends every open stream with an error, as a restart would.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
-from announcer.errors import LeaseNotFound
+from announcer.errors import EtcdUnavailable, LeaseNotFound, WatchCompacted
 from announcer.registrar import Registrar
-from announcer.registrar.store import KeyValue, Write
+from announcer.registrar.store import KeyValue, WatchEvent, Write
 
 
 @dataclass
@@ -38,6 +40,9 @@ class MemoryStore:
         self.calls: list[str] = []
         self._next_lease = 100
         self._failures: list[Exception] = []
+        self.history: list[tuple[int, WatchEvent]] = []
+        self.compacted = 0  # watches from this revision or before fail with WatchCompacted
+        self._streams: list[asyncio.Queue[list[WatchEvent] | Exception]] = []
 
     # -- test controls ----------------------------------------------------------
 
@@ -49,17 +54,33 @@ class MemoryStore:
         """A lease runs out now (every lease, when none is named), and every key on it goes."""
         for each in [lease] if lease is not None else list(self.leases):
             self.leases.pop(each, None)
-        self.data = {k: v for k, v in self.data.items() if v.lease == 0 or v.lease in self.leases}
+        gone = [k for k, v in self.data.items() if v.lease != 0 and v.lease not in self.leases]
+        if gone:
+            self.revision += 1
+            self._changed([WatchEvent("DELETE", KeyValue(k.encode(), None, 0, self.revision)) for k in gone])
+            for key in gone:
+                del self.data[key]
 
     def put(self, key: str, value: bytes, lease: int = 0) -> None:
         """Another client writes."""
         self.revision += 1
         self.data[key] = Held(value, lease, self.revision)
+        self._changed([WatchEvent("PUT", KeyValue(key.encode(), value, lease, self.revision))])
 
     def delete(self, key: str) -> None:
         """Another client deletes."""
         if self.data.pop(key, None) is not None:
             self.revision += 1
+            self._changed([WatchEvent("DELETE", KeyValue(key.encode(), None, 0, self.revision))])
+
+    def break_watches(self, error: Exception | None = None) -> None:
+        for stream in self._streams:
+            stream.put_nowait(error or EtcdUnavailable("memory: the watch broke"))
+
+    def _changed(self, events: list[WatchEvent]) -> None:
+        self.history += [(self.revision, event) for event in events]
+        for stream in self._streams:
+            stream.put_nowait(events)
 
     def value(self, key: str) -> bytes | None:
         held = self.data.get(key)
@@ -109,27 +130,53 @@ class MemoryStore:
             if any(w.is_put for w in writes) and lease not in self.leases:
                 raise LeaseNotFound("requested lease not found", 5)
         happened: list[bool] = []
-        changed = False
+        events: list[WatchEvent] = []
+        revision = self.revision + 1  # one transaction, one revision
         for write in writes:
             held = self.data.get(write.key)
             if write.value is None:
                 ours = held is not None and held.lease == lease
                 if ours:
                     del self.data[write.key]
+                    events.append(WatchEvent("DELETE", KeyValue(write.key.encode(), None, 0, revision)))
                 happened.append(ours)
             else:
                 in_place = held is not None and (held.value, held.lease) == (write.value, lease)
                 if not in_place:
-                    self.data[write.key] = Held(write.value, lease, self.revision + 1)
+                    self.data[write.key] = Held(write.value, lease, revision)
+                    events.append(
+                        WatchEvent("PUT", KeyValue(write.key.encode(), write.value, lease, revision))
+                    )
                 happened.append(not in_place)
-            changed = changed or happened[-1]
-        if changed:  # one transaction, one revision
-            self.revision += 1
+        if events:
+            self.revision = revision
+            self._changed(events)
         return happened
 
-    async def get_many(self, keys: list[str], *, keys_only: bool = False) -> list[KeyValue | None]:
+    async def read_keys(self, keys: Sequence[str]) -> tuple[int, list[KeyValue | None]]:
         await self._call("range")
-        return [self._kv(key, keys_only) for key in keys]
+        return self.revision, [self._kv(key, True) for key in keys]
+
+    async def watch(self, keys: Sequence[str], start_revision: int) -> AsyncIterator[list[WatchEvent]]:
+        await self._call("watch")
+        if start_revision <= self.compacted:
+            raise WatchCompacted(f"memory: revision {start_revision} was compacted")
+        wanted = {key.encode() for key in keys}
+        stream: asyncio.Queue[list[WatchEvent] | Exception] = asyncio.Queue()
+        replay = [event for revision, event in self.history if revision >= start_revision]
+        if replay:
+            stream.put_nowait(replay)
+        self._streams.append(stream)
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, Exception):
+                    raise item
+                events = [event for event in item if event.kv.key in wanted]
+                if events:
+                    yield events
+        finally:
+            self._streams.remove(stream)
 
     async def get(self, key: str, *, keys_only: bool = False) -> KeyValue | None:
         await self._call("range")

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
@@ -21,7 +22,7 @@ from structlog.testing import capture_logs
 from announcer.agent import Agent, Backoff
 from announcer.checks import CheckResult
 from announcer.config import load_config
-from announcer.errors import EtcdUnavailable
+from announcer.errors import EtcdUnavailable, WatchCompacted
 from announcer.metrics import Metrics
 from announcer.registrar import Registrar
 from announcer.registrar.etcd_client import EtcdAuthError
@@ -254,6 +255,60 @@ async def test_reload_keeps_replaces_and_removes_services(tmp_path: Path) -> Non
         stop.set()
         await asyncio.wait_for(task, 10)
         server.close()
+
+
+# -- the watch: another client's change seen at once, a steady state silent ---------------------
+
+
+async def test_a_steady_state_asks_nothing_and_the_watch_puts_back_a_deleted_record() -> None:
+    registrar, store = memory_registrar(ttl=30)  # the keepalive is 10 s away: nothing else is due
+    async with agent_on(registrar) as (agent, _):
+        await eventually(lambda: agent.registered and agent.watch.open, what="announced and watched")
+        key = agent.services[0].config.key
+        calls, rounds = len(store.calls), agent.status.rounds
+        await eventually(lambda: agent.status.rounds >= rounds + 10, what="ten check rounds")
+        assert store.calls[calls:] == []  # no periodic reads
+        store.delete(key)
+        await eventually(lambda: store.value(key) is not None, timeout=5, what="put back")
+        # One look at that key (and, as it was missing, whether the lease lives), one put.
+        assert store.calls[calls:] == ["range", "keepalive", "write"]
+        assert agent.watch.opened == 1  # our own put came through the watch and needed nothing
+
+
+async def test_a_key_another_lease_takes_is_left_to_it() -> None:
+    registrar, store = memory_registrar(ttl=30)
+    async with agent_on(registrar) as (agent, _):
+        await eventually(lambda: agent.registered and agent.watch.open, what="announced and watched")
+        key = agent.services[0].config.key
+        successor, _ = await store.grant(30)
+        store.put(key, b"the successor's", lease=successor)
+        await eventually(lambda: not agent.registered, timeout=5, what="registered says so")
+        rounds = agent.status.rounds
+        await eventually(lambda: agent.status.rounds >= rounds + 10, what="ten more check rounds")
+        assert store.value(key) == b"the successor's"  # no tug of war
+        store.delete(key)  # the successor went: ours goes back
+        await eventually(lambda: agent.registered, timeout=5, what="ours put back")
+
+
+@pytest.mark.parametrize("break_with", ["broken", "compacted"])
+async def test_a_broken_watch_reads_then_watches_again_and_writes_nothing(break_with: str) -> None:
+    registrar, store = memory_registrar(ttl=30)
+    async with agent_on(registrar) as (agent, _):
+        await eventually(lambda: agent.registered and agent.watch.open, what="announced and watched")
+        key = agent.services[0].config.key
+        calls, revision = len(store.calls), store.revision
+        if break_with == "compacted":
+            store.compacted = store.revision  # the next watch must start after this
+            store.break_watches(WatchCompacted("memory: compacted"))
+        else:
+            store.break_watches()
+        await eventually(
+            lambda: agent.watch.opened == 2 and agent.watch.open, timeout=5, what="watched again"
+        )
+        assert store.calls[calls:] == ["range", "watch"]  # read first, then watch from there
+        assert store.revision == revision  # nothing was written twice
+        store.delete(key)
+        await eventually(lambda: store.value(key) is not None, timeout=5, what="the new watch sees a delete")
 
 
 # -- the retry backoff: exponential, capped, jittered, reset by a success --------------------------

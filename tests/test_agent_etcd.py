@@ -8,7 +8,7 @@ from structlog.testing import capture_logs
 
 from announcer.health import Health
 from tests.agent_helpers import agent_config, eventually, running, sample
-from tests.servers import EtcdServer, HttpService, SilentListener, Watcher
+from tests.servers import EtcdCluster, EtcdServer, HttpService, SilentListener, Watcher
 
 KEY_OF = "/services/web/127.0.0.1:{port}"
 
@@ -57,6 +57,9 @@ async def test_steady_state_is_keepalives_only(etcd: EtcdServer, http_service: H
         assert etcd.revision() == revision  # no write at all, by anyone
         assert watcher.events == []  # a consumer watching the prefix saw nothing
         assert sample(agent, "announcer_etcd_requests_total", operation="put", outcome="ok") == 1
+        assert (
+            sample(agent, "announcer_etcd_requests_total", operation="range", outcome="ok") == 1
+        )  # the watch's
         assert etcd.lease_ttl(after["lease"]) >= 1
         watcher.close()
 
@@ -93,18 +96,20 @@ async def test_withdraws_on_failure_and_announces_again(
         assert sample(agent, "announcer_announcements_total") == 2
 
 
-async def test_never_deletes_a_successors_record(etcd: EtcdServer, http_service: HttpService) -> None:
+async def test_never_deletes_a_successors_record(etcd_any: EtcdServer, http_service: HttpService) -> None:
+    etcd = etcd_any
     key = KEY_OF.format(port=http_service.port)
-    async with running(agent_config(etcd.url, http_service.port)) as agent:
-        await eventually(lambda: etcd.get(key) is not None, what="announce")
+    # TTL 30: a keepalive every 10 s; the watch, not a periodic read, sees the takeover.
+    async with running(agent_config(etcd.url, http_service.port, ttl="30")) as agent:
+        await eventually(lambda: etcd.get(key) is not None and agent.watch.open, what="announce")
         successor = etcd.grant(30)
         with capture_logs() as logs:
             etcd.put(key, '{"host":"successor"}', successor)
-            # the agent notices at its next keepalive, logs it once and leaves the key alone
+            # the watch shows it at once; the agent logs it once and leaves the key alone
             await eventually(
                 lambda: any(e["event"] == "key held by another lease, leaving it alone" for e in logs),
-                what="the takeover noticed",
-            )
+                timeout=5, what="the takeover noticed by the watch",
+            )  # fmt: skip
             # displaced: the agent no longer claims to be registered, though its checks pass
             assert agent.status.health is Health.PASSING
             assert not agent.registered
@@ -118,17 +123,56 @@ async def test_never_deletes_a_successors_record(etcd: EtcdServer, http_service:
     assert etcd.get(key)["lease"] == successor  # type: ignore[index]
 
 
-async def test_record_deleted_by_hand_is_put_back(etcd: EtcdServer, http_service: HttpService) -> None:
+async def test_record_deleted_by_hand_is_put_back(etcd_any: EtcdServer, http_service: HttpService) -> None:
+    etcd = etcd_any
     key = KEY_OF.format(port=http_service.port)
-    async with running(agent_config(etcd.url, http_service.port)):
-        await eventually(lambda: etcd.get(key) is not None, what="announce")
+    async with running(agent_config(etcd.url, http_service.port, ttl="30")) as agent:
+        await eventually(lambda: etcd.get(key) is not None and agent.watch.open, what="announce")
+        for _ in range(3):  # and again: our own put back comes through the watch and needs nothing
+            etcd.delete(key)
+            await eventually(lambda: etcd.get(key) is not None, timeout=5, what="put back, long before TTL/3")
+        assert agent.watch.opened == 1
+
+
+async def test_a_restarted_etcd_is_read_then_watched_again_without_a_write(
+    etcd_any: EtcdServer, http_service: HttpService
+) -> None:
+    etcd = etcd_any
+    key = KEY_OF.format(port=http_service.port)
+    async with running(agent_config(etcd.url, http_service.port, ttl="30")) as agent:
+        await eventually(lambda: etcd.get(key) is not None and agent.watch.open, what="announce")
+        written = etcd.get(key)["mod_revision"]  # type: ignore[index]
+        etcd.stop()
+        etcd.start()  # same data: the lease and the record survive a restart
+        await eventually(
+            lambda: agent.watch.opened == 2 and agent.watch.open, timeout=10, what="watched again"
+        )
+        assert etcd.get(key)["mod_revision"] == written  # type: ignore[index]  # no duplicate write
         etcd.delete(key)
-        await eventually(lambda: etcd.get(key) is not None, timeout=5, what="put back at the next keepalive")
+        await eventually(lambda: etcd.get(key) is not None, timeout=5, what="the new watch sees a delete")
+
+
+async def test_the_watch_follows_a_failover_when_its_member_is_killed(
+    etcd_cluster: EtcdCluster, http_service: HttpService
+) -> None:
+    key = KEY_OF.format(port=http_service.port)
+    first = etcd_cluster.members[0]
+    config = agent_config(",".join(m.url for m in etcd_cluster.members), http_service.port, ttl="30")
+    async with running(config) as agent:
+        await eventually(lambda: first.get(key) is not None and agent.watch.open, what="announce")
+        first.kill()  # the member behind the watch (and every other request) goes
+        other = etcd_cluster.any_up()
+        await eventually(
+            lambda: agent.watch.opened >= 2 and agent.watch.open, timeout=10, what="watched again"
+        )
+        other.delete(key)
+        await eventually(lambda: other.get(key) is not None, timeout=5, what="put back through the new watch")
 
 
 async def test_etcd_killed_and_restarted_empty(etcd: EtcdServer, http_service: HttpService) -> None:
     key = KEY_OF.format(port=http_service.port)
-    async with running(agent_config(etcd.url, http_service.port)) as agent:
+    # TTL 30: back well before the next keepalive (10 s), from the broken watch's read.
+    async with running(agent_config(etcd.url, http_service.port, ttl="30")) as agent:
         await eventually(lambda: etcd.get(key) is not None, what="announce")
         old_lease = etcd.get(key)["lease"]  # type: ignore[index]
         with capture_logs() as logs:
@@ -140,7 +184,7 @@ async def test_etcd_killed_and_restarted_empty(etcd: EtcdServer, http_service: H
                 lambda: agent.status.rounds >= rounds + 5, what="checks go on while etcd is down"
             )
             etcd.start()
-            await eventually(lambda: etcd.get(key) is not None, timeout=15, what="announced again")
+            await eventually(lambda: etcd.get(key) is not None, timeout=8, what="announced again")
             await eventually(lambda: agent.status.etcd_reachable is True, what="etcd seen back")
         kv = etcd.get(key)
         assert kv is not None

@@ -6,12 +6,15 @@ and hostile gateways (tests/test_hostile.py).
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import httpx
 import pytest
 
 from announcer.registrar.etcd_client import (
     EtcdProtocolError,
+    EtcdUnavailable,
     WatchCompacted,
     _member_urls,
     _watch_result,
@@ -136,13 +139,13 @@ async def test_a_request_is_never_cut_short_by_its_callers_cancellation() -> Non
 async def test_a_watch_stream_is_bounded_per_message() -> None:
     # A watch never ends, so each message is bounded: a peer that sends a line without end,
     # or a line that is not JSON, is an error of that endpoint, never memory without bound.
-    import httpx
-
     from announcer.registrar.etcd_client import WATCH_MESSAGE_LIMIT, _messages
 
     async def messages(body: bytes) -> list[dict[str, Any]]:
         response = httpx.Response(200, stream=httpx.ByteStream(body))
-        return [m async for m in _messages(response, "http://peer")]
+        return [
+            m async for m in _messages(response, "http://peer", within=5, silence=None, current=lambda: True)
+        ]
 
     assert await messages(b'{"result": {}}\n\n{"result": {"a": 1}}\n') == [
         {"result": {}},
@@ -152,3 +155,51 @@ async def test_a_watch_stream_is_bounded_per_message() -> None:
         await messages(b"{" * (WATCH_MESSAGE_LIMIT + 2))
     with pytest.raises(EtcdProtocolError, match="not a JSON object"):
         await messages(b"<html>\n")
+
+
+class _Stream(httpx.AsyncByteStream):
+    """A streaming answer that sends ``parts`` (bytes, or a pause in seconds), then hangs."""
+
+    def __init__(self, *parts: bytes | float) -> None:
+        self.parts = parts
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        import asyncio
+
+        for part in self.parts:
+            if isinstance(part, bytes):
+                yield part
+            else:
+                await asyncio.sleep(part)  # the peer's pace, not a synchronisation
+        await asyncio.Event().wait()
+
+
+async def _read(stream: _Stream, current: Callable[[], bool] = lambda: True) -> list[dict[str, Any]]:
+    from announcer.registrar.etcd_client import _messages
+
+    response = httpx.Response(200, stream=stream)
+    got: list[dict[str, Any]] = []
+    async for message in _messages(
+        response, "http://peer", within=0.3, silence=0.6, current=current, check_every=0.05
+    ):
+        got.append(message)
+    return got
+
+
+async def test_a_message_begun_must_end_within_the_deadline() -> None:
+    # A peer that starts a message and trickles it: an error at the deadline, not a wait without end.
+    with pytest.raises(EtcdProtocolError, match=r"not whole within 0\.3s"):
+        await _read(_Stream(b'{"result": {}}\n', b'{"res', 0.1, b"u", 0.1, b"l", 0.1, b"t", 0.1, b'"'))
+
+
+async def test_a_silent_stream_is_broken_after_the_silence_bound() -> None:
+    with pytest.raises(EtcdUnavailable, match=r"silent for 0\.6s"):
+        await _read(_Stream(b'{"result": {}}\n'))
+
+
+async def test_a_stream_whose_endpoint_is_no_longer_in_use_is_broken() -> None:
+    moved: list[bool] = []
+    with pytest.raises(EtcdUnavailable, match="moved to another endpoint"):
+        await _read(
+            _Stream(b'{"result": {}}\n', 0.1, b"\n"), current=lambda: not moved.append(True) and False
+        )

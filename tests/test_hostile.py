@@ -88,8 +88,14 @@ CLIENT_CALLS = {
     "/v3/kv/range": "get",
     "/v3/kv/txn": "txn",
     "/v3/auth/authenticate": "login",
+    "/v3/watch": "watch",
     None: "grant",
 }
+
+
+async def _watch(client: EtcdClient) -> None:
+    async for _ in client.watch(["/a", "/b"], 1):
+        pass
 
 
 @pytest.mark.parametrize("mode", sorted(m for m in MODES if m not in ("trickle", "shorten-ttl")))
@@ -108,12 +114,13 @@ async def test_a_hostile_answer_is_an_error_of_that_endpoint(etcd: EtcdServer, m
             "keepalive": lambda: client.keepalive(lease),
             "get": lambda: client.get("/k"),
             "txn": lambda: client.get_many(["/a", "/b"]),
+            "watch": lambda: _watch(client),
         }
         with pytest.raises(EtcdUnavailable) as info:
             await calls[call]()
         assert gateway.hostile_answers >= 1
         assert "\n" not in str(info.value)
-        if mode == "flood":
+        if mode in ("flood", "watch-flood"):
             assert "larger than 1024 KiB" in str(info.value)
             assert gateway.sent < 64 * 1024 * 1024  # it stopped reading, far short of the 1 GiB offered
     finally:
@@ -140,6 +147,30 @@ async def test_agent_fails_over_past_a_hostile_member(
             )
             lease = etcd.get(key)["lease"]  # type: ignore[index]
             await keepalives_go_on(agent, 4)  # TTL 3: beyond a whole TTL, the record stays on its first lease
+            assert etcd.get(key)["lease"] == lease  # type: ignore[index]
+            assert agent.registered
+    finally:
+        gateway.close()
+
+
+@pytest.mark.parametrize("mode", ["watch-silent", "watch-ends", "watch-flood", "watch-bad-event"])
+async def test_an_endpoint_whose_watch_misbehaves_keeps_the_lease_and_the_repairs(
+    etcd: EtcdServer, http_service: HttpService, mode: str
+) -> None:
+    # Everything but the watch goes through to etcd. The watch breaks each time it is opened;
+    # its retries (read, then watch) are paced to TTL/3 at most and still put back a record
+    # deleted by hand; the lease and the record stay.
+    gateway = HostileGateway(etcd.url, mode)
+    key = KEY_OF.format(port=http_service.port)
+    config = agent_config(gateway.url, http_service.port, etcd_timeout="0.5", etcd_discovery="off")
+    try:
+        async with running(config) as agent:
+            await eventually(lambda: etcd.get(key) is not None, timeout=15, what="announced")
+            lease = etcd.get(key)["lease"]  # type: ignore[index]
+            await eventually(lambda: gateway.hostile_answers >= 2, timeout=15, what="the watch tried again")
+            etcd.delete(key)
+            await eventually(lambda: etcd.get(key) is not None, timeout=15, what="put back by a read")
+            await keepalives_go_on(agent, 4)  # TTL 3: beyond a whole TTL
             assert etcd.get(key)["lease"] == lease  # type: ignore[index]
             assert agent.registered
     finally:

@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 from announcer.config import load_config
 from announcer.errors import ConfigError
 from announcer.health import Health
-from tests.agent_helpers import AMBIENT, agent_config, eventually, running, sample
+from tests.agent_helpers import AMBIENT, agent_config, eventually, keepalives_go_on, running, sample
 from tests.servers import (
     EtcdCluster,
     EtcdServer,
@@ -233,8 +233,9 @@ async def test_rbac_least_privilege_and_token_expiry(
     key = KEY.format(port=http_service.port)
     password_file = tmp_path / "etcd-password"
     password_file.write_text("agent-pw\n")
-    # TTL 9: a keepalive and a read every 3 s, longer than the 2 s token TTL, so the
-    # token expires between two refreshes and the agent must log in again.
+    # TTL 9: a keepalive every 3 s, longer than the 2 s token TTL. A steady agent sends
+    # nothing else (the watch tells it of changes), so after a keepalive its token has
+    # expired: a record deleted then is read back and put again only after a new login.
     # fall 5: this test is about the record staying put through re-logins, so a check that
     # misses its 0.15 s deadline twice on a loaded machine must not withdraw it.
     config = agent_config(auth_etcd.url, http_service.port, etcd_user="announcer",
@@ -251,8 +252,14 @@ async def test_rbac_least_privilege_and_token_expiry(
     async with running(config) as agent:
         await eventually(lambda: mod_revision() is not None, what="announce with auth")
         revision = mod_revision()
-        await eventually(lambda: logins(agent) >= 3, timeout=30, what="two logins after token expiry")
+        await keepalives_go_on(agent, 2)  # the record stays through keepalives on an expired token
         assert mod_revision() == revision  # the record never dropped nor was rewritten
+        for _ in range(2):
+            await keepalives_go_on(agent, 1)
+            logged_in = logins(agent)
+            etcdctl(auth_etcd, "del", key, user="root:root-pw")
+            await eventually(lambda: mod_revision() is not None, timeout=15, what="put back after a login")
+            assert logins(agent) > logged_in
         http_service.status = 500
         await eventually(lambda: mod_revision() is None, what="withdraw with auth")
         http_service.status = 200

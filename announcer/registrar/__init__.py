@@ -21,16 +21,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Hashable, Mapping
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import structlog
 
 from announcer.errors import LeaseNotFound
-from announcer.registrar.store import Store, Write
+from announcer.registrar.store import Store, WatchEvent, Write
 
-__all__ = ["TXN_BATCH", "Closed", "Kept", "Registrar", "Store", "Synced", "Write"]
+__all__ = ["TXN_BATCH", "Closed", "Kept", "Registrar", "Store", "Synced", "WatchEvent", "Write"]
 
 log = structlog.get_logger("announcer.registrar")
 TXN_BATCH = 64  # operations per transaction: etcd refuses more than --max-txn-ops (128 by default)
@@ -162,23 +162,50 @@ class Registrar(Generic[Owner]):
         self._ttl, self._confirmed = ttl, sent
         return Kept(ttl)
 
+    def observe(self, events: Iterable[WatchEvent]) -> tuple[str, ...]:
+        """The keys a watch saw change that need a look: a record of ours deleted, a key we
+        want taken by another lease. Our own writes, and keys nobody wants, need none."""
+        lease = self.lease
+        suspects: list[str] = []
+        for event in events:
+            key = event.kv.key.decode("utf-8", "replace")
+            if key not in self._wanted or lease is None:
+                continue
+            if event.kind == "DELETE":
+                if key in self._placed or key in self._displaced:
+                    suspects.append(key)
+            elif event.kv.lease != lease and self.holder(key) != event.kv.lease:
+                suspects.append(key)
+        return tuple(dict.fromkeys(suspects))
+
     async def repair(self) -> tuple[str, ...]:
-        """Look at every wanted key (keys only, TXN_BATCH a request); the missing ones.
+        """Look at every wanted key (keys only, TXN_BATCH a request); the missing ones."""
+        return (await self.look())[1]
+
+    async def look(self, keys: Iterable[str] | None = None) -> tuple[int, tuple[str, ...]]:
+        """Read ``keys`` (every wanted key by default; keys only, TXN_BATCH a request):
+        (the first request's revision, the records of ours found missing).
 
         A record of ours found missing leaves the books, so the next sync puts it back;
-        a key another lease took over is left alone while its wanted value stays.
+        a key another lease took over is left alone while its wanted value stays. The
+        revision is where a watch over the same keys starts without a gap: a change after
+        any of the reads is at a later revision. 0 when nothing was read.
         """
         lease = self.lease
-        if lease is None or not self._wanted:
-            return ()
-        keys = list(self._wanted)
+        keys = list(self._wanted if keys is None else keys)
+        if lease is None or not keys:
+            return 0, ()
         missing: list[str] = []
+        first = 0
         for start in range(0, len(keys), TXN_BATCH):
             batch = keys[start : start + TXN_BATCH]
-            found = await self.store.get_many(batch, keys_only=True)
+            revision, found = await self.store.read_keys(batch)
+            first = first or revision
             if self.lease != lease:  # lost meanwhile: the next sync puts everything back
-                return ()
+                return first, ()
             for key, kv in zip(batch, found, strict=True):
+                if key not in self._wanted:
+                    continue
                 if kv is None:
                     if key in self._placed or key in self._displaced:
                         missing.append(key)
@@ -189,12 +216,12 @@ class Registrar(Generic[Owner]):
                     log.warning("key held by another lease, leaving it alone", key=key, other_lease=kv.lease)
         if missing and await self.store.keepalive(lease) <= 0:
             self._lost(lease)  # not deleted one by one: the lease went, and all of them with it
-            return tuple(missing)
+            return first, tuple(missing)
         for key in missing:
             log.warning("record missing, putting it back", key=key)
             self._placed.pop(key, None)
             self._displaced.pop(key, None)
-        return tuple(missing)
+        return first, tuple(missing)
 
     async def remove_stale(self, key: str) -> int | None:
         """Remove a record that another lease holds at ``key``; its lease ID when removed.

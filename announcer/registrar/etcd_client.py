@@ -20,11 +20,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import ipaddress
 import json
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -32,9 +33,9 @@ from urllib.parse import urlsplit
 import httpx
 import structlog
 
-from announcer.errors import EtcdError, EtcdUnavailable, LeaseNotFound, describe
+from announcer.errors import EtcdError, EtcdUnavailable, LeaseNotFound, WatchCompacted, describe
 from announcer.redact import redact_url
-from announcer.registrar.store import KeyValue, Write
+from announcer.registrar.store import KeyValue, WatchEvent, Write
 from announcer.settings import EtcdSettings
 
 # gRPC status codes that etcd's gateway puts in its error bodies.
@@ -65,19 +66,14 @@ ANSWER_LIMIT = 1024 * 1024
 # A watch never ends, so it is bounded per message: one event batch larger than this,
 # or bytes that are not a watch message, is an error of that endpoint.
 WATCH_MESSAGE_LIMIT = 1024 * 1024
+# A watch that says nothing for this long is taken for broken and opened again (after a
+# read). announcer asks for progress notifications, which etcd sends an idle watch every
+# 10 minutes by default, so a healthy stream is never this silent. Between them the
+# stream is held to the endpoint the other requests use: after a failover (the keepalive,
+# every TTL/3, found its member gone) it moves too; and a member cut off from its leader
+# ends it (the gateway passes ``hasleader``, as etcd's own client asks with WithRequireLeader).
+WATCH_SILENCE = 660.0
 LIST_LIMIT = 5000  # keys one `announcer ls` shows; more is a prefix to narrow
-
-
-@dataclass(frozen=True, slots=True)
-class WatchEvent:
-    """One change a watch saw: a put (with the new value) or a delete."""
-
-    kind: str  # "PUT" or "DELETE"
-    kv: KeyValue
-
-
-class WatchCompacted(EtcdError):
-    """The watch's start revision was compacted away: read again, then watch from there."""
 
 
 class EtcdProtocolError(EtcdUnavailable):
@@ -265,9 +261,16 @@ class EtcdClient:
         """Several keys read in one transaction (one request, one revision), in order."""
         if len(keys) == 1:
             return [await self.get(keys[0], keys_only=keys_only)]
+        return (await self._read(keys, keys_only=keys_only))[1]
+
+    async def read_keys(self, keys: Sequence[str]) -> tuple[int, list[KeyValue | None]]:
+        """Several keys, without their values, read at one revision: (the revision, what was found)."""
+        return await self._read(keys, keys_only=True)
+
+    async def _read(self, keys: Sequence[str], *, keys_only: bool) -> tuple[int, list[KeyValue | None]]:
         ops = [{"request_range": {"key": _b64(key), "keys_only": keys_only}} for key in keys]
 
-        def parse(answer: dict[str, Any], endpoint: str) -> list[KeyValue | None]:
+        def parse(answer: dict[str, Any], endpoint: str) -> tuple[int, list[KeyValue | None]]:
             responses = _list(answer, "responses", endpoint)
             if len(responses) != len(keys):
                 raise EtcdProtocolError(
@@ -282,7 +285,7 @@ class EtcdClient:
                     )
                 kvs = _list(ranged, "kvs", endpoint)
                 found.append(_key_value(kvs[0], endpoint, with_value=not keys_only) if kvs else None)
-            return found
+            return _revision(answer, endpoint), found
 
         return await self._call("range", "/v3/kv/txn", {"success": ops}, parse)
 
@@ -306,38 +309,69 @@ class EtcdClient:
             lambda answer, endpoint: _number(answer, "TTL", endpoint, default=-1),
         )  # fmt: skip
 
-    async def watch_prefix(
-        self, prefix: str, start_revision: int
-    ) -> AsyncIterator[tuple[int, list[WatchEvent]]]:
+    def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[tuple[int, list[WatchEvent]]]:
         """The changes under ``prefix`` from ``start_revision`` on: (revision, events), as they come.
 
         One streaming request to the current endpoint; it ends with an exception when the
         stream breaks (EtcdUnavailable), misbehaves (EtcdProtocolError) or the revision was
         compacted (WatchCompacted): the caller reads again and watches from there.
         """
+        request = {
+            "key": _b64(prefix),
+            "range_end": _b64(prefix_end(prefix)),
+            "start_revision": str(start_revision),
+        }
+        return self._watch([request], silence=None)
+
+    async def watch(self, keys: Sequence[str], start_revision: int) -> AsyncIterator[list[WatchEvent]]:
+        """Every change to ``keys`` (each watched exactly) from ``start_revision`` on, as it comes.
+
+        One stream carries them all: the gateway reads one ``create_request`` after another
+        from the body. Bounded like every answer (see WATCH_SILENCE and _messages).
+        """
+        requests = [
+            {"key": _b64(key), "start_revision": str(start_revision), "progress_notify": True} for key in keys
+        ]
+        async for _, events in self._watch(requests, silence=WATCH_SILENCE):
+            yield events
+
+    async def _watch(
+        self, requests: list[dict[str, Any]], *, silence: float | None
+    ) -> AsyncIterator[tuple[int, list[WatchEvent]]]:
         endpoint = self.endpoint
         shown = self._shown(endpoint)
         if self._settings.user and self._token is None:
             await self._authenticate(endpoint)
-        body = {"create_request": {
-            "key": _b64(prefix), "range_end": _b64(prefix_end(prefix)), "start_revision": str(start_revision),
-        }}  # fmt: skip
-        headers = {"Authorization": self._token} if self._token else {}
-        # The connection and the first answer are bounded by the deadline; the stream itself
-        # may stay silent for as long as nothing changes.
+        body = b"".join(json.dumps({"create_request": request}).encode() + b"\n" for request in requests)
+        # A member without a leader ends the stream rather than keep it silently stale.
+        headers = {"Grpc-Metadata-hasleader": "true"}
+        if self._token:
+            headers["Authorization"] = self._token
+        # The connection and the first message are bounded by the deadline; then the stream
+        # may stay silent for as long as nothing changes (see _messages for its bounds).
         timeout = httpx.Timeout(self._settings.timeout, read=None)
         try:
-            async with self._http.stream(
-                "POST", endpoint + "/v3/watch", json=body, headers=headers, timeout=timeout
-            ) as response:
-                if response.status_code != 200:
-                    raw = await _read_bounded(response, shown)
-                    answer = _json_object(raw)
-                    raise _error_from(shown, response.status_code, answer or {})
-                async for message in _messages(response, shown):
-                    result = _watch_result(message, shown)
-                    if result is not None:
-                        yield result
+            async with asyncio.timeout(self._settings.timeout) as head:
+                async with self._http.stream(
+                    "POST", endpoint + "/v3/watch", content=body, headers=headers, timeout=timeout
+                ) as response:
+                    if response.status_code != 200:
+                        raw = await _read_bounded(response, shown)
+                        raise _error_from(shown, response.status_code, _json_object(raw) or {})
+                    messages = _messages(
+                        response, shown, within=self._settings.timeout, silence=silence,
+                        current=lambda: self.endpoint == endpoint,
+                    )  # fmt: skip
+                    async with contextlib.aclosing(messages):
+                        async for message in messages:
+                            # The first answer (etcd's "created") within the deadline: a proxy
+                            # that holds a streaming answer back is found out at once.
+                            head.reschedule(None)
+                            result = _watch_result(message, shown)
+                            if result is not None:
+                                yield result
+        except TimeoutError:
+            raise EtcdUnavailable(f"{shown}: no watch answer within {self._settings.timeout:g}s") from None
         except (httpx.HTTPError, httpx.StreamError, ssl.SSLError, OSError, ValueError) as exc:
             raise EtcdUnavailable(f"{shown}: the watch broke: {describe(exc)}") from None
         raise EtcdUnavailable(f"{shown}: the watch ended")
@@ -604,21 +638,102 @@ def _json_object(raw: bytes) -> dict[str, Any] | None:
     return answer if isinstance(answer, dict) else None
 
 
-async def _messages(response: httpx.Response, shown: str) -> AsyncIterator[dict[str, Any]]:
-    """The JSON objects of a streaming answer, one a line, each at most WATCH_MESSAGE_LIMIT."""
+@dataclass
+class _StreamBounds:
+    """When a streaming answer counts as broken (see _messages)."""
+
+    shown: str
+    within: float
+    silence: float | None
+    current: Callable[[], bool]
+    heard: float  # the last whole message (or the stream's start)
+    partial_since: float | None = None  # when the first byte of an unfinished message came
+
+    def wait(self, now: float, check_every: float) -> float:
+        if self.partial_since is None:
+            return check_every
+        return max(0.0, min(check_every, self.partial_since + self.within - now))
+
+    def broken(self, now: float) -> EtcdError | None:
+        if self.partial_since is not None and now >= self.partial_since + self.within:
+            return EtcdProtocolError(f"{self.shown}: a watch message not whole within {self.within:g}s")
+        if self.silence is not None and now - self.heard >= self.silence:
+            return EtcdUnavailable(f"{self.shown}: the watch was silent for {self.silence:g}s")
+        if not self.current():
+            return EtcdUnavailable(f"{self.shown}: the other requests moved to another endpoint")
+        return None
+
+    def read(self, now: float, rest: bytes, messages: int) -> None:
+        if messages:
+            self.heard = now
+        if len(rest) > WATCH_MESSAGE_LIMIT:
+            raise EtcdProtocolError(
+                f"{self.shown}: a watch message larger than {WATCH_MESSAGE_LIMIT // 1024} KiB"
+            )
+        if not rest.strip():
+            self.partial_since = None
+        elif self.partial_since is None:
+            self.partial_since = now
+
+
+async def _messages(
+    response: httpx.Response,
+    shown: str,
+    *,
+    within: float,
+    silence: float | None,
+    current: Callable[[], bool],
+    check_every: float = 1.0,
+) -> AsyncGenerator[dict[str, Any], None]:
+    """The JSON objects of a streaming answer, one a line, as they come.
+
+    Each message is at most WATCH_MESSAGE_LIMIT bytes and, once its first byte came, whole
+    within ``within`` seconds; a stream silent for ``silence`` seconds, or whose endpoint
+    is no longer ``current()``, is broken. Chunks are read in a task of their own, so the
+    checks between them never cut a read short.
+    """
+    loop = asyncio.get_running_loop()
+    chunks = response.aiter_bytes()
+    bounds = _StreamBounds(shown, within, silence, current, heard=loop.time())
     buffer = b""
-    async for chunk in response.aiter_bytes():
-        buffer += chunk
-        while b"\n" in buffer:
-            line, buffer = buffer.split(b"\n", 1)
-            if not line.strip():
+    pending: asyncio.Future[bytes] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(chunks))
+            done, _ = await asyncio.wait({pending}, timeout=bounds.wait(loop.time(), check_every))
+            if not done:
+                error = bounds.broken(loop.time())
+                if error is not None:
+                    raise error
                 continue
+            try:
+                chunk = pending.result()
+            except StopAsyncIteration:
+                return
+            finally:
+                pending = None
+            whole, buffer = _whole_messages(buffer + chunk, shown)
+            bounds.read(loop.time(), buffer, len(whole))
+            for message in whole:
+                yield message
+    finally:
+        if pending is not None:  # the read still running ends before the stream is closed
+            pending.cancel()
+            await asyncio.wait({pending})
+
+
+def _whole_messages(buffer: bytes, shown: str) -> tuple[list[dict[str, Any]], bytes]:
+    """The whole lines of ``buffer`` as JSON objects, and what is left of the next one."""
+    *lines, rest = buffer.split(b"\n")
+    messages: list[dict[str, Any]] = []
+    for line in lines:
+        if line.strip():
             message = _json_object(line)
             if message is None:
                 raise EtcdProtocolError(f"{shown}: a watch message that is not a JSON object")
-            yield message
-        if len(buffer) > WATCH_MESSAGE_LIMIT:
-            raise EtcdProtocolError(f"{shown}: a watch message larger than {WATCH_MESSAGE_LIMIT // 1024} KiB")
+            messages.append(message)
+    return messages, rest
 
 
 def _watch_result(message: dict[str, Any], shown: str) -> tuple[int, list[WatchEvent]] | None:

@@ -8,7 +8,7 @@ what to delete, what to put back) is the registrar's, written once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -21,6 +21,14 @@ class KeyValue:
     value: bytes | None
     lease: int
     mod_revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class WatchEvent:
+    """One change a watch saw: a put (with the new value) or a delete."""
+
+    kind: str  # "PUT" or "DELETE"
+    kv: KeyValue
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,10 +65,17 @@ class Store(Protocol):
         deleted. Raises LeaseNotFound when the lease is gone.
         """
 
-    async def get_many(self, keys: list[str], *, keys_only: bool = False) -> list[KeyValue | None]:
-        """Several keys read in one request, in order; None where a key does not exist."""
-
     async def get(self, key: str, *, keys_only: bool = False) -> KeyValue | None: ...
+
+    async def read_keys(self, keys: Sequence[str]) -> tuple[int, list[KeyValue | None]]:
+        """Several keys (without their values) read at one revision: (that revision, what was found)."""
+
+    def watch(self, keys: Sequence[str], start_revision: int) -> AsyncIterator[list[WatchEvent]]:
+        """Every change to ``keys`` from ``start_revision`` on, as it comes, one batch at a time.
+
+        Never ends on its own: it raises when the stream breaks (EtcdUnavailable, and
+        WatchCompacted when ``start_revision`` is gone), and the caller reads, then watches again.
+        """
 
     async def delete_if_revision(self, key: str, revision: int) -> bool:
         """Delete ``key`` only while its mod_revision is ``revision``; True when deleted."""
