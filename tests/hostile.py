@@ -43,6 +43,9 @@ MODES: dict[str, tuple[str | None, bytes | str]] = {
                                 extra="Content-Encoding: gzip\r\n")),
     "grant-without-id": ("/v3/lease/grant", _answer("200 OK", b'{"header": {}, "TTL": "9"}')),
     "grant-id-not-a-number": ("/v3/lease/grant", _answer("200 OK", b'{"ID": "twelve", "TTL": "9"}')),
+    # What the gateway sends for a keepalive while the cluster elects a leader: not a lost lease.
+    "keepalive-no-leader": ("/v3/lease/keepalive", _answer("200 OK", b'{"error": {"grpc_code": 14, '
+                            b'"http_code": 503, "message": "etcdserver: no leader", "http_status": "Unavailable"}}')),
     "keepalive-result-not-object": ("/v3/lease/keepalive", _answer("200 OK", b'{"result": "alive"}')),
     "range-bad-base64": ("/v3/kv/range", _answer("200 OK", b'{"kvs": [{"key": "%%%", "value": "!!"}]}')),
     "txn-bad-base64": ("/v3/kv/txn", _answer(

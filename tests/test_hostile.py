@@ -130,7 +130,17 @@ async def test_a_hostile_answer_is_an_error_of_that_endpoint(etcd: EtcdServer, m
 
 @pytest.mark.parametrize(
     "mode",
-    ["not-json", "html", "json-list", "grant-without-id", "txn-bad-base64", "gzip-lie", "flood", "trickle"],
+    [
+        "not-json",
+        "html",
+        "json-list",
+        "grant-without-id",
+        "txn-bad-base64",
+        "gzip-lie",
+        "flood",
+        "trickle",
+        "keepalive-no-leader",
+    ],
 )
 async def test_agent_fails_over_past_a_hostile_member(
     etcd: EtcdServer, http_service: HttpService, mode: str

@@ -255,7 +255,8 @@ async def test_rbac_least_privilege_and_token_expiry(
         await keepalives_go_on(agent, 2)  # the record stays through keepalives on an expired token
         assert mod_revision() == revision  # the record never dropped nor was rewritten
         for _ in range(2):
-            await keepalives_go_on(agent, 1)
+            # Two keepalives, 3 s apart: more than the token's 2 s since the last put.
+            await keepalives_go_on(agent, 2)
             logged_in = logins(agent)
             etcdctl(auth_etcd, "del", key, user="root:root-pw")
             await eventually(lambda: mod_revision() is not None, timeout=15, what="put back after a login")

@@ -227,6 +227,9 @@ class EtcdClient:
         """The TTL etcd reset the lease to; 0 or less means the lease is gone."""
 
         def parse(answer: dict[str, Any], endpoint: str) -> int:
+            # A lost lease is a result without a TTL; an error (no leader during an election)
+            # comes, as on every streaming call of the gateway, as 200 with an error object.
+            _raise_stream_error(answer, redact_url(endpoint))
             result = answer.get("result", {})
             if not isinstance(result, Mapping):
                 raise EtcdProtocolError(f"{redact_url(endpoint)}: a keepalive answer without a result object")
@@ -736,11 +739,22 @@ def _whole_messages(buffer: bytes, shown: str) -> tuple[list[dict[str, Any]], by
     return messages, rest
 
 
+def _raise_stream_error(message: Mapping[str, Any], shown: str) -> None:
+    """A streaming call's error: HTTP 200 (the head was sent) with {"error": {"grpc_code", "message"}}."""
+    if "error" not in message or "result" in message:
+        return
+    error = message["error"]
+    if not isinstance(error, Mapping):
+        raise EtcdProtocolError(f"{shown}: an error that is not an object")
+    code = error.get("grpc_code", error.get("code"))
+    raise _error_from(
+        shown, 500, {"code": code, "message": error.get("message") or "an error without a message"}
+    )
+
+
 def _watch_result(message: dict[str, Any], shown: str) -> tuple[int, list[WatchEvent]] | None:
     """One watch message as (revision, events); None for one that carries no events."""
-    if "error" in message:
-        error = message["error"]
-        raise _error_from(shown, 500, error if isinstance(error, Mapping) else {})
+    _raise_stream_error(message, shown)
     result = message.get("result")
     if not isinstance(result, Mapping):
         raise EtcdProtocolError(f"{shown}: a watch message without a result")
