@@ -25,3 +25,12 @@ fi
 .venv/bin/mypy
 # Three workers: most tests wait on real processes and timers, so they overlap well on two cores.
 .venv/bin/python -m pytest -n "${ANNOUNCER_TEST_WORKERS:-3}" --dist worksteal "$@"
+# Both event loops: the run above has the in-process tests on asyncio's loop and the announcer
+# processes on uvloop (the default); the loop-sensitive tests (the checks, the endpoint, the
+# agent's watch and shutdown, the etcd client) run again the other way round.
+if [ $# -eq 0 ]; then
+  ANNOUNCER_TEST_LOOP=uvloop ANNOUNCER_EVENT_LOOP=asyncio .venv/bin/python -m pytest \
+    -n "${ANNOUNCER_TEST_WORKERS:-3}" --dist worksteal \
+    tests/test_checks_http_tcp.py tests/test_checks_db.py tests/test_health.py tests/test_agent.py \
+    tests/test_agent_etcd.py tests/test_etcd_client.py tests/test_registrar.py tests/test_lifecycle.py
+fi

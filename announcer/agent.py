@@ -4,9 +4,9 @@ One process serves one service (the sidekick) or many (host mode) with the same
 code. Each instance is a `ServiceAgent` (announcer.service): its checks, its
 verdict, the pairs it wants in etcd. The `Agent` owns what they share: one
 registrar and so one lease; the sync loop, which hands every instance's pairs to
-the registrar at once (so a reload that swaps keys is only puts) and reads the
-records back every TTL/3 to repair what went missing; the keepalive loop, on its
-own schedule whatever a long sync is doing; reload (`apply`), the metrics
+the registrar at once (so a reload that swaps keys is only puts) and looks again
+where the watch (announcer.watch) saw another client change a key; the keepalive
+loop, on its own schedule whatever a long sync is doing; reload (`apply`), the metrics
 endpoint, the watchdog and the shutdown.
 
 Shutdown is an awaitable passed in: when it completes, the loops stop, every

@@ -600,6 +600,7 @@ _MEASURE = (
 
 
 from bench.consumers import traefik  # noqa: E402 - the consumers' benchmark lives in its own module
+from bench.fleet import fleet  # noqa: E402 - the fleet under faults lives in its own module
 
 BENCHMARKS: dict[str, Callable[[Mode], Rows]] = {
     "detection": detection,
@@ -616,6 +617,7 @@ BENCHMARKS: dict[str, Callable[[Mode], Rows]] = {
     "launch": launch,
     "imports": imports,
     "traefik": traefik,
+    "fleet": fleet,
 }
 
 

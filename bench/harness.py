@@ -197,10 +197,11 @@ def start_announcer(
     )  # fmt: skip
 
 
-def start_announcer_with(etcd: Etcd, *args: str) -> subprocess.Popen[bytes]:
-    """announcer with only these arguments and the etcd endpoint (a host file names the services)."""
+def start_announcer_with(etcd: Etcd | str, *args: str) -> subprocess.Popen[bytes]:
+    """announcer with only these arguments and the etcd endpoints (a host file names the services)."""
+    endpoints = etcd if isinstance(etcd, str) else etcd.url
     return subprocess.Popen(
-        [sys.executable, "-m", "announcer", "--etcd-endpoints", etcd.url, "--log-level", "warning", *args],
+        [sys.executable, "-m", "announcer", "--etcd-endpoints", endpoints, "--log-level", "warning", *args],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
     )  # fmt: skip
 

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -8,6 +10,22 @@ import pytest
 from tests.servers import EtcdCluster, EtcdServer, HttpService, etcd_binaries, require, start_etcd
 
 BINARIES = etcd_binaries()
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """The in-process tests' event loop: asyncio's own, or uvloop with ANNOUNCER_TEST_LOOP=uvloop.
+
+    test.sh runs the whole suite on the default (in-process tests on asyncio's loop, the
+    announcer processes they start on uvloop), then the loop-sensitive tests the other way
+    round (in-process on uvloop, processes with ANNOUNCER_EVENT_LOOP=asyncio).
+    """
+    if os.environ.get("ANNOUNCER_TEST_LOOP") == "uvloop":
+        import uvloop
+
+        return {"uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
 
 
 def _etcd(version: str, tmp_path: Path) -> Iterator[EtcdServer]:
