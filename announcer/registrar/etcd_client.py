@@ -686,7 +686,7 @@ async def _messages(
     within: float,
     silence: float | None,
     current: Callable[[], bool],
-    check_every: float = 1.0,
+    check_every: float = 5.0,
 ) -> AsyncGenerator[dict[str, Any], None]:
     """The JSON objects of a streaming answer, one a line, as they come.
 
