@@ -134,7 +134,6 @@ async def _serve(agent: Agent, metrics: Metrics, reload: Loader | None) -> None:
         metrics.reloads.labels("applied").inc()
         agent.apply(keep_process_settings(agent.config, new))
 
-    trim = loop.create_task(_trim_heap_when(agent.ready))
     for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, on_stop, signum)
     loop.add_signal_handler(signal.SIGHUP, on_reload)
@@ -144,31 +143,7 @@ async def _serve(agent: Agent, metrics: Metrics, reload: Loader | None) -> None:
     early = early_stop()  # caught by the entry point before these handlers were in place
     if early is not None:
         on_stop(early)
-    try:
-        await agent.serve(stop.wait())
-    finally:
-        trim.cancel()
-
-
-async def _trim_heap_when(ready: asyncio.Event) -> None:
-    """Once the first verdicts are in etcd, give the heap's free pages back to the system.
-
-    Start-up (imports, the configuration, the first requests) leaves glibc's heap with
-    freed pages it keeps; returning them once lowers the resident size by about 1.3 MB
-    for good (docs/performance.md). Where there is no glibc (musl), nothing is done.
-    """
-    await ready.wait()
-    import ctypes  # noqa: PLC0415 - only here: 0.4 MB that no other path needs
-    import gc  # noqa: PLC0415
-
-    gc.collect()
-    try:
-        process = ctypes.CDLL(None)  # the symbols already loaded, the C library's among them
-    except OSError:
-        return
-    trim = getattr(process, "malloc_trim", None)
-    if trim is not None:
-        trim(0)
+    await agent.serve(stop.wait())
 
 
 def _ignore(signum: int) -> None:
