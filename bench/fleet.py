@@ -50,7 +50,9 @@ from bench.harness import (
 Rows = list[dict[str, Any]]
 PREFIX = "/services/fleet/"
 INTERVAL = 30.0
-REQUESTS_PER_SECOND_BOUND = 2000  # the busiest second after a wipe stays under this (stated in the docs)
+# After a wipe every process puts its records back at once; the sync loop's jittered backoff
+# spreads them. The busiest second stays under this, per 10,000 records (docs/performance.md).
+BUSIEST_SECOND_BOUND = 1000
 
 
 @dataclass
@@ -374,7 +376,8 @@ def fleet(mode: Any) -> Rows:
             rows.append({
                 "event": "the data wiped (a new cluster, same endpoints)", "records": total,
                 "seconds": back - up, "records lost": None, "peak second's requests": busiest,
-                "requests/s": average, "note": "requests/s: from the wipe to a second after every record "
+                "requests/s": average, "busiest second's bound": BUSIEST_SECOND_BOUND * total / 10_000,
+                "note": "requests/s: from the wipe to a second after every record "
                 f"is back; seconds: from the new cluster up ({up - wiped:.1f} s after the wipe) to every record back",
             })  # fmt: skip
             # -- SIGTERM to every process -----------------------------------------------
