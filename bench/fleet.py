@@ -30,7 +30,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,8 @@ import httpx
 
 from bench.harness import (
     ETCD_DIR,
+    Etcd,
     b64,
-    free_port,
     proc_stat,
     start_announcer_with,
     stop_process,
@@ -56,22 +56,16 @@ BUSIEST_SECOND_BOUND = 1000
 
 
 @dataclass
-class Member:
-    name: str
-    workdir: Path
-    port: int = field(default_factory=free_port)
-    peer: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
+class Member(Etcd):
+    """One member of the fleet's cluster (harness.Etcd, started as one of three)."""
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    name: str = "m0"
 
     @property
     def peer_url(self) -> str:
         return f"http://127.0.0.1:{self.peer}"
 
-    def start(self, cluster: str, state: str, token: str) -> None:
+    def launch(self, cluster: str, state: str, token: str) -> None:
         self.process = subprocess.Popen(
             [str(ETCD_DIR / "etcd"), "--name", self.name, "--data-dir", str(self.workdir / self.name),
              "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
@@ -85,17 +79,10 @@ class Member:
     def up(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.process is not None:
-            stop_process(self.process, sig)
-
     def requests(self) -> float:
-        total = 0.0
         with contextlib.suppress(httpx.HTTPError):
-            for line in httpx.get(self.url + "/metrics", timeout=2).text.splitlines():
-                if line.startswith("grpc_server_handled_total{"):
-                    total += float(line.rsplit(" ", 1)[1])
-        return total
+            return self.grpc_requests()
+        return 0.0
 
     def is_leader(self) -> bool:
         try:
@@ -109,7 +96,7 @@ class Member:
 
 class Cluster:
     def __init__(self, workdir: Path) -> None:
-        self.members = [Member(f"m{i}", workdir) for i in range(3)]
+        self.members = [Member(workdir, name=f"m{i}") for i in range(3)]
         self._spec = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
         self._token = "fleet"
 
@@ -122,7 +109,7 @@ class Cluster:
             self._token = f"fleet-{time.monotonic_ns()}"
         for member in self.members:
             if not member.up:
-                member.start(self._spec, state, self._token)
+                member.launch(self._spec, state, self._token)
         wait_for(lambda: self.count() is not None, 60, "the etcd cluster", poll=0.1)
 
     def stop(self) -> None:
@@ -336,7 +323,8 @@ def fleet(mode: Any) -> Rows:
             watcher_member = next(m for m in cluster.members if m is not leader)
             gaps = Gaps(watcher_member, _revision(watcher_member) + 1)
             killed = time.monotonic()
-            leader.stop(signal.SIGKILL)
+            assert leader.process is not None
+            stop_process(leader.process, signal.SIGKILL)
             time.sleep(fault_window)
             end = time.monotonic()
             count = cluster.count()
