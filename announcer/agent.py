@@ -215,7 +215,10 @@ class Agent:
 
     async def _shutdown(self) -> None:
         cfg = self.config
-        drain = max((s.config.drain for s in self.services if s.placed), default=0.0)
+        # Held: placed, or put without an answer yet (a stop during the first announce):
+        # consumers may have seen it, so it is withdrawn and drained like any other.
+        held = set(self.registrar.held)
+        drain = max((s.config.drain for s in self.services if held & s.keys), default=0.0)
         self._notifier.send("STOPPING=1", "STATUS=withdrawing")
         log.info("shutting down", withdraw_within=cfg.shutdown_timeout, drain=drain)
         deadline = asyncio.get_running_loop().time() + cfg.shutdown_timeout
@@ -235,10 +238,11 @@ class Agent:
             self._notifier.close()
 
     async def _withdraw_at_shutdown(self, deadline: float, lease_left: float) -> tuple[str, ...]:
-        placed = [s for s in self.services if s.placed]
-        if not placed:
+        keys = list(self.registrar.held)
+        if not keys:
             return ()
-        keys = [key for s in placed for key in s.placed]
+        held = set(keys)
+        placed = [s for s in self.services if held & s.keys]
         try:
             async with asyncio.timeout_at(deadline):
                 deleted = await self.registrar.withdraw_all()
@@ -255,12 +259,12 @@ class Agent:
             )  # fmt: skip
             return ()
         for svc in placed:
-            if all(key in deleted for key in svc.placed):
+            mine = held & svc.keys
+            if mine <= set(deleted):
                 svc.metrics.withdrawals.labels("shutdown").inc()
             else:
-                for key in svc.placed:
-                    if key not in deleted:
-                        log.info("at shutdown the key was not ours to withdraw", key=key)
+                for key in sorted(mine - set(deleted)):
+                    log.info("at shutdown the key was not ours to withdraw", key=key)
             svc.placed = {}
         return deleted
 
@@ -305,6 +309,8 @@ class Agent:
             self._wake.clear()
             try:
                 asked = await self._reconcile()
+                if asked:  # etcd answered: say so before a look, which may take a while
+                    self._set_reachable(True)
                 asked = await self._look() or asked
             except EtcdUnavailable as exc:
                 retry = backoff.next_delay()

@@ -81,6 +81,11 @@ class ServiceAgent:
         metrics.registered.set_function(lambda: float(self.registered))
 
     @property
+    def keys(self) -> set[str]:
+        """Every key this instance may have in etcd: its configuration's, and what it placed."""
+        return {pair.key for pair in self.config.pairs} | set(self.placed)
+
+    @property
     def registered(self) -> bool:
         """etcd holds our record on a live lease, as far as we can know.
 

@@ -210,6 +210,31 @@ async def test_shutdown_withdraws_then_drains_then_revokes() -> None:
     assert any(line.startswith("STATUS=withdrawn; draining") for line in notifier.lines)
 
 
+async def test_a_stop_while_the_first_put_is_answered_still_withdraws_and_drains() -> None:
+    # Found by CI under load: SIGTERM after the record reached etcd but before the agent had
+    # its answer. The record was then no instance's to withdraw: no drain, and the withdraw
+    # came only with the lease's revoke. It is held (put, not yet answered), so it drains.
+    registrar, store = memory_registrar()
+    answered = asyncio.Event()
+    write = store.write
+
+    async def first_answer_late(writes: Any, lease: int) -> list[bool]:
+        happened = await write(writes, lease)
+        if not answered.is_set() and any(w.is_put for w in writes):
+            await answered.wait()  # applied in the store, the answer not yet back
+        return happened
+
+    store.write = first_answer_late  # type: ignore[method-assign]
+    with capture_logs() as logs:
+        async with agent_on(registrar, drain="0.3") as (agent, _):
+            await eventually(lambda: store.data, what="the record in the store")
+            assert not agent.registered  # the agent has not had the answer
+        answered.set()
+    events = [e["event"] for e in logs]
+    assert "withdrawn; draining before exit" in events
+    assert store.data == {}
+
+
 async def test_no_drain_when_nothing_was_announced() -> None:
     registrar, _ = memory_registrar()
     listener = SilentListener()

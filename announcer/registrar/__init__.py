@@ -112,6 +112,11 @@ class Registrar(Generic[Owner]):
             and now < self._confirmed + self._ttl
         )
 
+    @property
+    def held(self) -> tuple[str, ...]:
+        """Every key that may sit on our lease: placed, or put without an answer yet."""
+        return tuple(dict.fromkeys([*self._placed, *self._sent]))
+
     def holder(self, key: str) -> int | None:
         """The other lease seen holding a key we want, if any."""
         displaced = self._displaced.get(key)
@@ -239,7 +244,7 @@ class Registrar(Generic[Owner]):
 
     async def withdraw_all(self) -> tuple[str, ...]:
         """Delete every record that may sit on our lease, TXN_BATCH a request; the keys deleted."""
-        keys = list(dict.fromkeys([*self._placed, *self._sent]))
+        keys = list(self.held)
         deleted: list[str] = []
         lease = self.lease
         if lease is not None:
