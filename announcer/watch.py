@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 import structlog
 
 from announcer.backoff import Backoff
-from announcer.errors import EtcdError, WatchCompacted
+from announcer.errors import WatchCompacted
 from announcer.registrar.store import Store, WatchEvent
 
 log = structlog.get_logger("announcer")
@@ -106,10 +106,10 @@ class KeyWatch:
         except WatchCompacted as exc:  # read again at once: the sync loop starts from there
             log.info("the watch's revision was compacted; reading again", error=str(exc))
             self._retry_at = self._clock()
-        except EtcdError as exc:
+        except Exception as exc:  # noqa: BLE001 - any fault of the stream: reopened, never fatal
             delay = self._backoff.next_delay()
             self._retry_at = self._clock() + delay
-            message = str(exc)
+            message = str(exc) or type(exc).__name__
             if message != self._said:  # once per distinct cause, not once per retry
                 self._said = message
                 log.info(
