@@ -354,3 +354,11 @@ def test_reset_starts_over() -> None:
         backoff.next_delay()
     backoff.reset()
     assert backoff.next_delay() <= 0.5
+
+
+async def test_the_in_process_loop_is_the_one_test_sh_asks_for() -> None:
+    # test.sh's second pass (ANNOUNCER_TEST_LOOP=uvloop) must really run these tests on uvloop.
+    import os
+
+    on_uvloop = type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+    assert on_uvloop == (os.environ.get("ANNOUNCER_TEST_LOOP") == "uvloop")
