@@ -185,7 +185,8 @@ class Metrics:
     def observe_etcd(self, operation: str, outcome: str, seconds: float) -> None:
         """The etcd client's observer: every request's operation, outcome and time."""
         self.etcd_requests.labels(operation, outcome).inc()
-        self.etcd_duration.labels(operation).observe(seconds)
+        if operation != "watch":  # a stream's life is no request's duration
+            self.etcd_duration.labels(operation).observe(seconds)
         if operation == "keepalive" and outcome == "ok":
             self._last_keepalive = time.monotonic()
         if operation == "lease_grant" and outcome == "ok":

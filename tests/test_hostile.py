@@ -183,6 +183,11 @@ async def test_an_endpoint_whose_watch_misbehaves_keeps_the_lease_and_the_repair
             await keepalives_go_on(agent, 4)  # TTL 3: beyond a whole TTL
             assert etcd.get(key)["lease"] == lease  # type: ignore[index]
             assert agent.registered
+            broken = sum(
+                sample(agent, "announcer_etcd_requests_total", operation="watch", outcome=outcome)
+                for outcome in ("unavailable", "bad_answer")
+            )
+            assert broken >= 2  # each broken stream is counted: the operator can see it
     finally:
         gateway.close()
 

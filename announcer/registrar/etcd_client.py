@@ -335,8 +335,13 @@ class EtcdClient:
         requests = [
             {"key": _b64(key), "start_revision": str(start_revision), "progress_notify": True} for key in keys
         ]
-        async for _, events in self._watch(requests, silence=WATCH_SILENCE):
-            yield events
+        started = time.perf_counter()
+        try:
+            async for _, events in self._watch(requests, silence=WATCH_SILENCE):
+                yield events
+        except EtcdError as exc:  # a stream only ever ends broken: counted, by how
+            self._observe("watch", _outcome(exc), time.perf_counter() - started)
+            raise
 
     async def _watch(
         self, requests: list[dict[str, Any]], *, silence: float | None
