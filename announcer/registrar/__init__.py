@@ -159,7 +159,7 @@ class Registrar(Generic[Owner]):
         if lease is None:
             return Kept(ttl=None)
         sent = self._clock()
-        ttl = await self.store.keepalive(lease)
+        ttl = await self._renew(lease)
         if self.lease != lease:  # lost and regranted while we waited: that lease is kept anew
             return Kept(ttl=self.ttl)
         if ttl <= 0:
@@ -219,7 +219,7 @@ class Registrar(Generic[Owner]):
                     self._displaced[key] = (kv.lease, self._wanted[key])
                     self._placed.pop(key, None)
                     log.warning("key held by another lease, leaving it alone", key=key, other_lease=kv.lease)
-        if missing and await self.store.keepalive(lease) <= 0:
+        if missing and await self._renew(lease) <= 0:
             self._lost(lease)  # not deleted one by one: the lease went, and all of them with it
             return first, tuple(missing)
         for key in missing:
@@ -227,6 +227,17 @@ class Registrar(Generic[Owner]):
             self._placed.pop(key, None)
             self._displaced.pop(key, None)
         return first, tuple(missing)
+
+    async def _renew(self, lease: int) -> int:
+        """A keepalive; an answer that the lease is gone is asked a second time before it is
+        believed, since believing it drops every record and puts them back on a new lease.
+        In CI's failover test under load a live lease was once taken for gone this way,
+        during the failover (not reproduced alone); the etcd client asks the second time
+        at another member."""
+        ttl = await self.store.keepalive(lease)
+        if ttl <= 0 and self.lease == lease:
+            ttl = await self.store.keepalive(lease)
+        return ttl
 
     async def remove_stale(self, key: str) -> int | None:
         """Remove a record that another lease holds at ``key``; its lease ID when removed.

@@ -235,7 +235,10 @@ class EtcdClient:
                 raise EtcdProtocolError(f"{redact_url(endpoint)}: a keepalive answer without a result object")
             return _number(result, "TTL", endpoint, default=0)
 
-        return await self._call("keepalive", "/v3/lease/keepalive", {"ID": str(lease)}, parse)
+        ttl = await self._call("keepalive", "/v3/lease/keepalive", {"ID": str(lease)}, parse)
+        if ttl <= 0 and len(self._endpoints) > 1:  # the next request, the registrar's second ask, elsewhere
+            self._current = (self._current + 1) % len(self._endpoints)
+        return ttl
 
     async def revoke(self, lease: int) -> bool:
         """True when the lease existed and is now revoked."""
