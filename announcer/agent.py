@@ -66,7 +66,7 @@ class Agent:
         self.services = [self._service(svc) for svc in config.services]
         self.etcd_reachable: bool | None = None
         self._last_refusal: str | None = None
-        self.ready = asyncio.Event()  # etcd matched every first verdict; READY=1 was sent
+        self._ready = False  # etcd matched every first verdict; READY=1 was sent
         self._draining = False
         self._group: asyncio.TaskGroup | None = None
         self._extra_loops: list[asyncio.Task[None]] = []  # check loops of services a reload added
@@ -325,10 +325,8 @@ class Agent:
                 self._last_refusal = None
                 if asked:  # a pass that asked etcd nothing proves nothing
                     self._set_reachable(True)
-                if not self.ready.is_set() and all(
-                    s.status.health is not Health.UNKNOWN for s in self.services
-                ):
-                    self.ready.set()
+                if not self._ready and all(s.status.health is not Health.UNKNOWN for s in self.services):
+                    self._ready = True
                     self._notifier.send("READY=1")
                     self._tell_systemd("ready")
                 delay = self.watch.retry_in()

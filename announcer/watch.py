@@ -50,7 +50,7 @@ class KeyWatch:
         self._retry_at = 0.0  # a broken stream is opened again no sooner than this
         self._said: str | None = None
         self.suspects: set[str] = set()
-        self.opened = 0  # streams opened, for the tests and the benchmarks
+        self.opened = 0  # streams opened (the tests follow the watch by it)
 
     @property
     def open(self) -> bool:

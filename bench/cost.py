@@ -304,6 +304,7 @@ LAYERS = (
         "announcer: CLI, config, agent, checks",
         "announcer.cli, announcer.config, announcer.runner, announcer.agent",
     ),
+    ("the event loop: uvloop", "uvloop"),
     ("etcd client: httpx, httpcore, anyio", "announcer.registrar.etcd_client"),
     ("http check: h11", "announcer.checks.http"),
     ("metrics on: prometheus_client", "announcer.metrics, prometheus_client, prometheus_client.gc_collector"),

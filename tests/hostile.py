@@ -46,6 +46,8 @@ MODES: dict[str, tuple[str | None, bytes | str]] = {
     # What the gateway sends for a keepalive while the cluster elects a leader: not a lost lease.
     "keepalive-no-leader": ("/v3/lease/keepalive", _answer("200 OK", b'{"error": {"grpc_code": 14, '
                             b'"http_code": 503, "message": "etcdserver: no leader", "http_status": "Unavailable"}}')),
+    # A member that answers for a lease it cannot see: "gone", for a live lease.
+    "keepalive-gone": ("/v3/lease/keepalive", _answer("200 OK", b'{"result": {"header": {}, "ID": "1"}}')),
     "keepalive-result-not-object": ("/v3/lease/keepalive", _answer("200 OK", b'{"result": "alive"}')),
     "range-bad-base64": ("/v3/kv/range", _answer("200 OK", b'{"kvs": [{"key": "%%%", "value": "!!"}]}')),
     "txn-bad-base64": ("/v3/kv/txn", _answer(

@@ -30,7 +30,7 @@ EXPECTED_ROWS = {
     "cost": 5 + 3 + 2 * (shutil.which("go") is not None),
     "memory": 3,
     "launch": 5,
-    "imports": 8,
+    "imports": 9,
     "traefik": 4,  # announcer and the loop: an instance killed, a rolling restart
     "fleet": 5,  # cold start, the leader killed, the cluster restarted, the data wiped, SIGTERM
 }

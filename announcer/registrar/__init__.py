@@ -7,7 +7,8 @@ never deleted, whichever instance held it before). An instance's writes go in on
 transaction (several instances share one, up to ``TXN_BATCH`` operations), and
 each says what happened as a value (`Synced`). ``keepalive()`` keeps the lease
 alive and is meant to run on its own schedule, whatever a long sync is doing;
-``repair()`` reads the wanted keys to find what went missing; ``remove_stale``
+``look()`` reads the wanted keys to find what went missing (before a watch opens, and
+where the watch saw another client change one); ``remove_stale``
 removes a crashed agent's record, guarded on its revision; ``withdraw_all`` and
 ``close`` end it. The store (etcd, or the tests' in-memory one) does the I/O.
 
@@ -159,7 +160,7 @@ class Registrar(Generic[Owner]):
         if lease is None:
             return Kept(ttl=None)
         sent = self._clock()
-        ttl = await self._renew(lease)
+        ttl = await self.store.keepalive(lease)
         if self.lease != lease:  # lost and regranted while we waited: that lease is kept anew
             return Kept(ttl=self.ttl)
         if ttl <= 0:
@@ -182,10 +183,6 @@ class Registrar(Generic[Owner]):
             elif event.kv.lease != lease and self.holder(key) != event.kv.lease:
                 suspects.append(key)
         return tuple(dict.fromkeys(suspects))
-
-    async def repair(self) -> tuple[str, ...]:
-        """Look at every wanted key (keys only, TXN_BATCH a request); the missing ones."""
-        return (await self.look())[1]
 
     async def look(self, keys: Iterable[str] | None = None) -> tuple[int, tuple[str, ...]]:
         """Read ``keys`` (every wanted key by default; keys only, TXN_BATCH a request):
@@ -219,7 +216,7 @@ class Registrar(Generic[Owner]):
                     self._displaced[key] = (kv.lease, self._wanted[key])
                     self._placed.pop(key, None)
                     log.warning("key held by another lease, leaving it alone", key=key, other_lease=kv.lease)
-        if missing and await self._renew(lease) <= 0:
+        if missing and await self.store.keepalive(lease) <= 0:
             self._lost(lease)  # not deleted one by one: the lease went, and all of them with it
             return first, tuple(missing)
         for key in missing:
@@ -227,17 +224,6 @@ class Registrar(Generic[Owner]):
             self._placed.pop(key, None)
             self._displaced.pop(key, None)
         return first, tuple(missing)
-
-    async def _renew(self, lease: int) -> int:
-        """A keepalive; an answer that the lease is gone is asked a second time before it is
-        believed, since believing it drops every record and puts them back on a new lease.
-        In CI's failover test under load a live lease was once taken for gone this way,
-        during the failover (not reproduced alone); the etcd client asks the second time
-        at another member."""
-        ttl = await self.store.keepalive(lease)
-        if ttl <= 0 and self.lease == lease:
-            ttl = await self.store.keepalive(lease)
-        return ttl
 
     async def remove_stale(self, key: str) -> int | None:
         """Remove a record that another lease holds at ``key``; its lease ID when removed.
