@@ -235,6 +235,24 @@ async def test_a_stop_while_the_first_put_is_answered_still_withdraws_and_drains
     assert store.data == {}
 
 
+async def test_etcd_is_reachable_as_soon_as_the_announce_is_answered() -> None:
+    # Seen in CI under load: /healthz said registered but etcd_reachable null, while the pass
+    # went on to read the keys before opening the watch. The read is held here.
+    registrar, store = memory_registrar()
+    read_keys, reading = store.read_keys, asyncio.Event()
+
+    async def held_read(keys: Any) -> Any:
+        await reading.wait()
+        return await read_keys(keys)
+
+    store.read_keys = held_read  # type: ignore[method-assign]
+    async with agent_on(registrar) as (agent, _):
+        await eventually(lambda: agent.registered, what="announced")
+        assert agent.etcd_reachable is True  # before the read that opens the watch
+        reading.set()
+        await eventually(lambda: agent.watch.open, what="the watch opened after the read")
+
+
 async def test_no_drain_when_nothing_was_announced() -> None:
     registrar, _ = memory_registrar()
     listener = SilentListener()
