@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -33,6 +34,9 @@ from announcer.registrar import Registrar
 from announcer.service import Event, ServiceAgent, Status
 from announcer.settings import Config, ServiceConfig
 from announcer.watch import KeyWatch
+
+if TYPE_CHECKING:
+    from announcer.containers.source import ContainerSource
 
 __all__ = ["Agent", "Backoff", "ServiceAgent", "Status"]
 log = structlog.get_logger("announcer")
@@ -54,6 +58,7 @@ class Agent:
         metrics: Metrics,
         notifier: Notifier,
         endpoint: EndpointServer | None = None,
+        containers: ContainerSource | None = None,
     ) -> None:
         """Everything concrete is built at the process edge (runner.build_agent) and handed in."""
         self.config = config
@@ -64,6 +69,8 @@ class Agent:
         watch_backoff = Backoff(base=0.2, cap=max(0.5, config.ttl / 3))
         self.watch = KeyWatch(registrar.store, registrar.observe, self._wake, watch_backoff)
         self.services = [self._service(svc) for svc in config.services]
+        self._containers = containers  # a source of services beside the configuration's
+        self._container_services: tuple[ServiceConfig, ...] = ()
         self.etcd_reachable: bool | None = None
         self._last_refusal: str | None = None
         self._ready = False  # etcd matched every first verdict; READY=1 was sent
@@ -112,6 +119,8 @@ class Agent:
                 loops.append(group.create_task(self._keepalive_loop()))
                 if self._endpoint is not None:
                     endpoint = group.create_task(self._endpoint.serve())
+                if self._containers is not None:
+                    loops.append(group.create_task(self._containers.run(self.apply_containers)))
                 if self._notifier.watchdog_period is not None:
                     loops.append(group.create_task(self._watchdog_loop(self._notifier.watchdog_period)))
                 await shutdown
@@ -140,30 +149,50 @@ class Agent:
         checks; a removed one is withdrawn. Every service's new pairs reach the registrar in
         one sync, so keys that change hands between services are only ever put.
         """
-        current = {(s.config.service, s.config.port): s for s in self.services if not s.retired}
-        single = len(config.services) == 1 and len(current) == 1
+        self.config = config
+        self._take([*config.services, *self._container_services], "reload")
+
+    def apply_containers(self, services: tuple[ServiceConfig, ...]) -> None:
+        """The container source's whole set of instances, as it is now: matched by container
+        and port, so a container that stays keeps its verdict; one that went is withdrawn."""
+        self._container_services = services
+        self._take([*self.config.services, *services], "container_stopped")
+
+    def _take(self, wanted: list[ServiceConfig], reason: str) -> None:
+        """Make the running instances the ``wanted`` ones: keep, add, retire (``reason``)."""
+        current = {_identity(s.config): s for s in self.services if not s.retired}
+        static_now = [k for k in current if isinstance(k, tuple)]
+        static_new = [s for s in wanted if s.origin is None]
+        single = len(static_new) == 1 and len(static_now) == 1  # the sidekick: whatever changed
         kept: list[ServiceAgent] = []
         added: list[ServiceAgent] = []
-        for svc_config in config.services:
-            identity = next(iter(current)) if single else (svc_config.service, svc_config.port)
+        for svc_config in wanted:
+            identity = static_now[0] if single and svc_config.origin is None else _identity(svc_config)
             match = current.pop(identity, None)
             if match is not None:
-                same = match.apply(svc_config)
+                if svc_config.origin is None:
+                    same = match.apply(svc_config)
+                    log.info("configuration reloaded", key=svc_config.key, checks_kept=same)
+                elif match.config != svc_config:  # a container's instance, rebuilt (inspected anew)
+                    match.apply(svc_config)
                 kept.append(match)
-                log.info("configuration reloaded", key=svc_config.key, checks_kept=same)
             else:
                 new = self._service(svc_config)
                 kept.append(new)
                 added.append(new)
-                log.info("service added by a reload", key=svc_config.key)
-        retired = [s for s in self.services if s not in kept]  # what `current` left, and earlier ones
-        for svc in retired:
-            if not svc.retired:
-                svc.retire()
+                if svc_config.origin is None:
+                    log.info("service added by a reload", key=svc_config.key)
+        for svc in current.values():
+            svc.retire(reason if svc.config.origin is not None else "reload")
+            if svc.config.origin is None:
                 log.info("service removed by a reload", key=svc.config.key)
-        self.services = kept + retired  # retired ones stay until their withdraw is done
-        self.config = config
+            else:
+                log.info("container gone: withdrawing", key=svc.config.key, origin=svc.config.origin)
+        self.services = kept + [
+            s for s in self.services if s not in kept
+        ]  # retired ones stay until withdrawn
         if self._group is not None:
+            self._extra_loops = [t for t in self._extra_loops if not t.done()]
             self._extra_loops += [self._start_checks(svc, 0, now=True) for svc in added]
         self._wake.set()
 
@@ -172,7 +201,7 @@ class Agent:
         now = time.monotonic()
         active = [s for s in self.services if not s.retired]
         rounds = [s.status.last_round for s in active]
-        oldest = None if None in rounds else min(r for r in rounds if r is not None)
+        oldest = None if None in rounds else min((r for r in rounds if r is not None), default=None)
         details: dict[str, object] = {"etcd_reachable": self.etcd_reachable, "draining": self._draining}
         if len(active) == 1:
             details.update(active[0].details())
@@ -196,7 +225,11 @@ class Agent:
                 self._notifier.send("WATCHDOG=1")
             await asyncio.sleep(period)
 
-    def _tell_systemd(self, event: str) -> None:
+    def _tell_systemd(self, event: str, *first: str) -> None:
+        """Send STATUS= for the event, in one datagram with what comes first (READY=1)."""
+        self._notifier.send(*first, f"STATUS={event}; {self._summary()}")
+
+    def _summary(self) -> str:
         services = [s for s in self.services if not s.retired]
         if len(services) == 1:
             svc = services[0]
@@ -205,11 +238,10 @@ class Agent:
                 f", {flag}" for flag, on in (("maintenance", svc.status.maintenance),
                                              ("flap-damped", svc.status.damped)) if on
             )  # fmt: skip
-            self._notifier.send(f"STATUS={event}; service {svc.status.health.value}, {state}{extra}")
-            return
+            return f"service {svc.status.health.value}, {state}{extra}"
         passing = sum(s.status.health is Health.PASSING for s in services)
         registered = sum(s.registered for s in services)
-        self._notifier.send(f"STATUS={event}; {passing}/{len(services)} passing, {registered} registered")
+        return f"{passing}/{len(services)} passing, {registered} registered"
 
     # -- shutdown ---------------------------------------------------------------
 
@@ -297,7 +329,7 @@ class Agent:
 
     async def _sync_loop(self) -> None:
         """Make etcd match what every instance wants; look again where the watch saw a change."""
-        interval = min(s.config.interval for s in self.services)
+        interval = min((s.config.interval for s in self.services), default=2.0)
         backoff = Backoff(base=min(0.5, interval), cap=max(1.0, interval))
         try:
             await self._sync_passes(backoff)
@@ -327,8 +359,7 @@ class Agent:
                     self._set_reachable(True)
                 if not self._ready and all(s.status.health is not Health.UNKNOWN for s in self.services):
                     self._ready = True
-                    self._notifier.send("READY=1")
-                    self._tell_systemd("ready")
+                    self._tell_systemd("ready", "READY=1")  # one datagram: systemd sees both at once
                 delay = self.watch.retry_in()
             await _wait(self._wake, delay)
 
@@ -375,7 +406,13 @@ class Agent:
         for svc in [s for s in self.services if s.stale_check]:
             spoke = True
             await svc.remove_stale()
-        self.services = [s for s in self.services if not (s.retired and not s.placed)]
+        done = [s for s in self.services if s.retired and not s.placed]
+        if done:
+            self.services = [s for s in self.services if s not in done]
+            live = {(s.config.service, s.config.key) for s in self.services}
+            for svc in done:  # a container's series go with it (one of the same key lives on)
+                if svc.config.origin is not None and (svc.config.service, svc.config.key) not in live:
+                    svc.metrics.remove()
         for event in dict.fromkeys(events):
             self._tell_systemd(event.value)
         return spoke
@@ -433,3 +470,8 @@ class Agent:
             log.warning("etcd unreachable", **details)
         elif not reachable:
             log.debug("etcd still unreachable", **details)
+
+
+def _identity(config: ServiceConfig) -> str | tuple[str, int]:
+    """What an instance is across sets: a container and its port, or a service name and port."""
+    return config.origin if config.origin is not None else (config.service, config.port)

@@ -18,7 +18,7 @@ import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from announcer.checks import build_check
 from announcer.convert import (
@@ -34,6 +34,7 @@ from announcer.convert import (
     meta,
     seconds,
     string_list,
+    switch,
     text,
 )
 from announcer.errors import ConfigError
@@ -45,17 +46,22 @@ from announcer.settings import (
     DEFAULT_ENDPOINT,
     DEFAULT_KEY,
     Config,
+    ContainerSettings,
     EtcdSettings,
     ServiceConfig,
     default,
 )
 from announcer.sources import Ambient, ambient_layer, env_layer, primary_ipv4, read_file
 
+if TYPE_CHECKING:
+    from announcer.containers.labels import Wanted
+
 __all__ = ["Ambient", "Config", "ServiceConfig", "load_config", "primary_ipv4"]
 
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 EVENT_LOOPS = ("auto", "asyncio")
+CONTAINER_ADDRESSES = ("published", "internal")
 SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 TTL_LIMIT = 9_000_000_000  # etcd's own maximum lease TTL
 
@@ -116,12 +122,17 @@ def _load(flags: Mapping[str, Any], env: Mapping[str, str], ambient: Ambient) ->
     layers, tables = _layers(flags, env)
     pick = _picker(layers)
     ttl = integer("ttl", pick("ttl", default(Config, "ttl")), 3, TTL_LIMIT)
+    containers = (
+        _containers(layers, ambient, env) if switch("containers", pick("containers", False)) else None
+    )
     service_layers = [layers] if tables is None else [[table, *layers] for table in tables]
+    if containers is not None and tables is None and pick("service") is None and pick("port") is None:
+        service_layers = []  # `announcer --containers`: only the containers are announced
     services = tuple(
         _build_service(svc, ambient, number, ttl) for number, svc in enumerate(service_layers, 1)
     )
     _no_shared_keys(services)
-    return Config(
+    config = Config(
         services=services,
         ttl=ttl,
         etcd=_etcd_settings(pick, env, ttl),
@@ -132,12 +143,71 @@ def _load(flags: Mapping[str, Any], env: Mapping[str, str], ambient: Ambient) ->
         log_level=choice("log_level", pick("log_level", default(Config, "log_level")), LOG_LEVELS),
         metrics_address=address(pick("metrics_address")),
         event_loop=choice("event_loop", pick("event_loop", default(Config, "event_loop")), EVENT_LOOPS),
+        containers=containers,
+    )
+    if containers is not None:  # the settings every container instance takes: checked now, not per container
+        from announcer.containers.labels import Wanted  # noqa: PLC0415 - only with --containers
+
+        probe = Wanted.bare("0" * 12, "probe", containers.host_ip, 1)
+        try:
+            container_service(config, probe)
+        except ConfigError as exc:
+            raise ConfigError(f"for --containers: {exc}") from None
+    return config
+
+
+def _containers(layers: list[Layer], ambient: Ambient, env: Mapping[str, str]) -> ContainerSettings:
+    from announcer.containers.engine import socket_path  # noqa: PLC0415 - only with --containers
+
+    pick = _picker(layers)
+    raw_engine = pick("container_engine")
+    host_ip, host_ip_source = _advertised_address(layers, ambient)
+    # A container's instance takes every setting but its own (name, address, port, checks,
+    # meta) from the same layers as a [[services]] table.
+    own = {"service", "port", "ip", "ip_from", "checks"}
+    return ContainerSettings(
+        engine=socket_path(None if raw_engine is None else text("container_engine", raw_engine), env),
+        internal=choice("container_address", pick("container_address", "published"), CONTAINER_ADDRESSES)
+        == "internal",
+        labelled_only=choice("container_select", pick("container_select", "all"), ("all", "labelled"))
+        == "labelled",
+        allow_exec=switch("container_exec_checks", pick("container_exec_checks", "off")),
+        host_ip=host_ip,
+        host_ip_source=host_ip_source,
+        layers=tuple({k: v for k, v in layer.items() if k not in own} for layer in layers),
+        ambient=ambient,
     )
 
 
-def _build_service(layers: list[Layer], ambient: Ambient, number: int, ttl: int) -> ServiceConfig:
+def container_service(config: Config, wanted: Wanted) -> ServiceConfig:
+    """The service one container instance is: its labels' settings over the configuration's layers.
+
+    A bad label raises ConfigError, which the source says in one line naming the container.
+    """
+    settings = config.containers
+    assert settings is not None
+    own: dict[str, Any] = {
+        "service": wanted.service, "port": wanted.port, "ip": wanted.ip, "meta": dict(wanted.meta),
+        "checks": [wanted.check or "tcp"],
+    }  # fmt: skip
+    extra: dict[str, str | list[str]] = {"service": wanted.service, "source": "containers"}
+    extra["container"] = wanted.container
+    if wanted.tags:
+        extra["tags"] = list(wanted.tags)
+    layers = [own, *settings.layers]
+    svc = _build_service(layers, settings.ambient, 0, config.ttl, extra=extra)
+    return dataclasses.replace(svc, ip_source=wanted.ip_source, origin=wanted.origin)
+
+
+def _build_service(
+    layers: list[Layer],
+    ambient: Ambient,
+    number: int,
+    ttl: int,
+    extra: Mapping[str, str | list[str]] | None = None,
+) -> ServiceConfig:
     pick = _picker(layers)
-    where = f" (for [[services]] #{number})" if len(layers) > 4 else ""
+    where = f" (for [[services]] #{number})" if number and len(layers) > 4 else ""
     raw_service = pick("service")
     if raw_service is None:
         raise ConfigError(f"--service is required (or ANNOUNCER_SERVICE, or service in the file){where}")
@@ -171,7 +241,7 @@ def _build_service(layers: list[Layer], ambient: Ambient, number: int, ttl: int)
         raise ConfigError(f"at least one --check is needed{where}")
     checks = tuple(build_check(expand_spec(spec, ip, port), options) for spec, options in entries)
     record_meta = _merged_meta(layers)
-    record = Record(hostname, ip, port, record_meta)
+    record = Record(hostname, ip, port, record_meta, extra or {})
     record.check_size()
     pairs = render_pairs(record, service=service, json_key=key, publishing=publishing, lease_ttl=ttl)
     raw_maintenance = pick("maintenance_file")
@@ -197,6 +267,7 @@ def _build_service(layers: list[Layer], ambient: Ambient, number: int, ttl: int)
         publishing=publishing,
         pairs=pairs,
         key=pairs[0].key,
+        extra=extra or {},
     )
 
 

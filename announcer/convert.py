@@ -73,6 +73,18 @@ def choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     return text
 
 
+def switch(name: str, value: Any) -> bool:
+    """A switch: true or false in the file, the flag given, or on/off, true/false, 1/0 as text."""
+    if isinstance(value, bool):
+        return value
+    word = text(name, value).lower()
+    if word in ("on", "true", "1", "yes"):
+        return True
+    if word in ("off", "false", "0", "no"):
+        return False
+    raise ConfigError(f"{flag(name)} must be on or off, got {shown(value)}")
+
+
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 

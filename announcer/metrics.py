@@ -11,8 +11,9 @@ imported (it costs 1.3 MB and 10 ms of start-up; tests/test_lean.py keeps it so)
 
 from __future__ import annotations
 
+import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from announcer import __version__
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
 CHECK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-WITHDRAW_REASONS = ("check_failure", "maintenance", "reload", "shutdown", "lease_lost")
+WITHDRAW_REASONS = ("check_failure", "maintenance", "reload", "shutdown", "lease_lost", "container_stopped")
 SERVICE = ("service", "key")
 
 
@@ -31,9 +32,16 @@ class _Bound:
 
     family: Any
     service: tuple[str, str]
+    used: set[tuple[str, ...]] = field(default_factory=set)
 
     def labels(self, *values: str) -> Any:
+        self.used.add(values)
         return self.family.labels(*self.service, *values)
+
+    def remove(self) -> None:
+        for values in self.used:
+            with contextlib.suppress(KeyError):
+                self.family.remove(*self.service, *values)
 
 
 class ServiceMetrics:
@@ -41,6 +49,7 @@ class ServiceMetrics:
 
     def __init__(self, metrics: Metrics, service: str, key: str) -> None:
         ids = (service, key)
+        self._metrics, self._ids = metrics, ids
         self.check_runs = _Bound(metrics.check_runs, ids)
         self.check_duration = _Bound(metrics.check_duration, ids)
         self.withdrawals = _Bound(metrics.withdrawals, ids)
@@ -55,12 +64,27 @@ class ServiceMetrics:
         self.flap_suppressed = metrics.flap_suppressed.labels(*ids)
         self.stale_removed = metrics.stale_removed.labels(*ids)
 
+    def remove(self) -> None:
+        """Drop every series of this instance: its container is gone, and so is its key."""
+        for bound in (self.check_runs, self.check_duration, self.withdrawals):
+            bound.remove()
+        m = self._metrics
+        for family in (
+            m.check_round_overruns, m.healthy, m.registered, m.announcements, m.maintenance,
+            m.flap_damped, m.flap_suppressed, m.stale_removed,
+        ):  # fmt: skip
+            with contextlib.suppress(KeyError):
+                family.remove(*self._ids)
+
 
 class _Off:
     """Every metric family and child at once, doing nothing: metrics nobody can scrape."""
 
     def labels(self, *values: str) -> _Off:
         return self
+
+    def remove(self, *values: str) -> None:
+        pass
 
     def inc(self, amount: float = 1) -> None:
         pass

@@ -22,17 +22,20 @@ class Record:
     ipv4_addr: str
     port: int
     meta: Mapping[str, str] = field(default_factory=dict)
+    # Fields a source of services adds (a container's mark and tags), written after meta.
+    extra: Mapping[str, str | list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        clash = RESERVED_FIELDS & set(self.meta)
+        clash = (RESERVED_FIELDS | set(self.extra)) & set(self.meta)
         if clash:
             raise ConfigError(f"--meta may not replace the field(s) {', '.join(sorted(clash))}")
 
     def to_json(self) -> str:
         """Always valid JSON; a stable byte form, so equal records compare equal in etcd."""
-        body: dict[str, str | int] = {"host": self.host, "ipv4_addr": self.ipv4_addr}
+        body: dict[str, str | int | list[str]] = {"host": self.host, "ipv4_addr": self.ipv4_addr}
         body["port"] = self.port
         body.update(self.meta)
+        body.update(self.extra)
         return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
 
     def check_size(self) -> None:

@@ -98,7 +98,17 @@ async def build_agent(
         endpoint = EndpointServer(listen, metrics.registry)
     try:
         registrar: Registrar[ServiceAgent] = Registrar(client, config.ttl)
-        yield Agent(config, registrar=registrar, metrics=metrics, notifier=notifier, endpoint=endpoint)
+        containers = None
+        if config.containers is not None:
+            from announcer.containers.engine import Engine  # noqa: PLC0415 - only with --containers
+            from announcer.containers.source import ContainerSource  # noqa: PLC0415
+
+            engine = Engine(config.containers.engine)
+            containers = ContainerSource(config, engine, sweep=registrar.sweep)
+        yield Agent(
+            config, registrar=registrar, metrics=metrics, notifier=notifier, endpoint=endpoint,
+            containers=containers,
+        )  # fmt: skip
     finally:
         await client.aclose()
 
@@ -180,15 +190,24 @@ def _publish_address(listen: socket.socket) -> None:
 
 
 def run_check_once(config: Config, *, as_json: bool) -> int:
-    """Every service's checks once, concurrently; exit 1 if any fails."""
+    """Every service's checks once, concurrently (each running container's too, with
+    --containers); exit 1 if any fails, or the container engine cannot be read."""
 
-    async def every_round() -> list[list[CheckResult]]:
-        return list(await asyncio.gather(*(run_round(list(s.checks), s.timeout) for s in config.services)))
+    async def every_round() -> tuple[list[ServiceConfig], list[list[CheckResult]]]:
+        services = list(config.services)
+        if config.containers is not None:
+            from announcer.containers.source import snapshot  # noqa: PLC0415 - only with --containers
 
-    reports = [
-        _report(svc, results)
-        for svc, results in zip(config.services, asyncio.run(every_round()), strict=True)
-    ]
+            services += await snapshot(config)
+        rounds = await asyncio.gather(*(run_round(list(s.checks), s.timeout) for s in services))
+        return services, list(rounds)
+
+    try:
+        services, rounds = asyncio.run(every_round())
+    except ConnectionError as exc:  # the container engine: said in one line
+        sys.stderr.write(f"error: {exc}\n")
+        return EXIT_CHECK_FAILED
+    reports = [_report(svc, results) for svc, results in zip(services, rounds, strict=True)]
     ok = all(report["ok"] for report in reports)
     if as_json:
         document: dict[str, Any] = {"ok": ok}
@@ -197,7 +216,7 @@ def run_check_once(config: Config, *, as_json: bool) -> int:
         document["services"] = reports
         sys.stdout.write(json.dumps(document, indent=2) + "\n")
     else:
-        sys.stdout.write("\n".join(_text_report(report) for report in reports))
+        sys.stdout.write("\n".join(_text_report(report) for report in reports) or "no services to check\n")
     return EXIT_OK if ok else EXIT_CHECK_FAILED
 
 
@@ -207,10 +226,17 @@ def _report(svc: ServiceConfig, results: list[CheckResult]) -> dict[str, Any]:
         "port": svc.port,
         "ok": all(r.ok for r in results),
         "checks": [
-            {"name": c.name, "ok": r.ok, "duration_ms": round(r.duration * 1000, 3), "detail": r.detail}
+            {
+                "name": c.name,
+                "ok": r.ok,
+                "duration_ms": round(r.duration * 1000, 3),
+                "detail": r.detail,
+                **({"pending": True} if r.pending else {}),
+            }
             for c, r in zip(svc.checks, results, strict=True)
         ],
         "key": svc.key,
+        **({"container": svc.origin} if svc.origin is not None else {}),
         "address": svc.ip,
         "address_from": svc.ip_source,
         "record": json.loads(svc.record.to_json()),
@@ -220,12 +246,18 @@ def _report(svc: ServiceConfig, results: list[CheckResult]) -> dict[str, Any]:
     }
 
 
+def _verdict(check: dict[str, Any]) -> str:
+    return "PASS" if check["ok"] else "WAIT" if check.get("pending") else "FAIL"
+
+
 def _text_report(report: dict[str, Any]) -> str:
     width = max(len(check["name"]) for check in report["checks"])
     lines = [
-        f"{'PASS' if c['ok'] else 'FAIL'}  {c['name']:<{width}}  {c['duration_ms']:8.1f} ms  {c['detail']}"
+        f"{_verdict(c)}  {c['name']:<{width}}  {c['duration_ms']:8.1f} ms  {c['detail']}"
         for c in report["checks"]
     ]
+    if "container" in report:
+        lines.insert(0, f"{report['service']} ({report['container']})")
     lines.append(f"address: {report['address']} ({report['address_from']})")
     if [p["format"] for p in report["pairs"]] == ["json"]:  # the classic sidekick: as it always read
         record = json.dumps(report["record"], separators=(",", ":"), ensure_ascii=False)

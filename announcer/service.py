@@ -77,7 +77,8 @@ class ServiceAgent:
         self._placed_lease: int | None = None
         self._rendered: tuple[ServiceConfig, Pairs] | None = None
         self.stale_check = False  # a FAILING verdict asks to look for a crashed agent's record
-        self.retired = False  # removed by a reload: withdraw, then forget
+        self.retired = False  # removed by a reload (or its container went): withdraw, then forget
+        self.retired_because = "reload"
         metrics.registered.set_function(lambda: float(self.registered))
 
     @property
@@ -100,6 +101,7 @@ class ServiceAgent:
             "service": self.config.service, "port": self.config.port, "state": self.status.health.value,
             "registered": self.registered, "maintenance": self.status.maintenance,
             "flap_damped": self.status.damped, "draining": self.status.draining, "key": self.config.key,
+            **({"container": self.config.origin} if self.config.origin is not None else {}),
         }  # fmt: skip
 
     def loop_alive(self, now: float) -> bool:
@@ -119,8 +121,9 @@ class ServiceAgent:
         self._wake.set()
         return same_checks
 
-    def retire(self) -> None:
+    def retire(self, reason: str = "reload") -> None:
         self.retired = True
+        self.retired_because = reason
         self.update_wanted()
 
     # -- checks ---------------------------------------------------------------
@@ -145,14 +148,17 @@ class ServiceAgent:
 
     def observe(self, cfg: ServiceConfig, results: list[CheckResult]) -> None:
         for check, result in zip(cfg.checks, results, strict=True):
-            self.metrics.check_runs.labels(check.name, "pass" if result.ok else "fail").inc()
+            self.metrics.check_runs.labels(check.name, _outcome(result)).inc()
             self.metrics.check_duration.labels(check.name).observe(result.duration)
             log.debug("check", key=cfg.key, check=check.name, ok=result.ok, detail=result.detail)
         now = time.monotonic()
         self.status.results = tuple(results)
         self.status.rounds += 1
         self.status.last_round = now
-        ok = all(r.ok for r in results)
+        ok = all(r.ok for r in results if not r.pending)
+        if ok and any(r.pending for r in results):  # no verdict yet: the machine waits for one
+            self.update_wanted(now)
+            return
         if not ok:
             self._passing_since = None
         elif self._passing_since is None:
@@ -234,7 +240,9 @@ class ServiceAgent:
 
     def _withdrawn(self, before: Pairs, synced: Synced) -> None:
         status = self.status
-        reason = "maintenance" if status.maintenance else "reload" if self.retired else "check_failure"
+        reason = (
+            "maintenance" if status.maintenance else self.retired_because if self.retired else "check_failure"
+        )
         self.metrics.withdrawals.labels(reason).inc()
         for key in synced.left:
             log.info("the key was not ours to withdraw", key=key)
@@ -289,6 +297,10 @@ def _event(before: Pairs, asked: Pairs, *, new_lease: bool, written: bool) -> Ev
         if happened:
             return event
     return None
+
+
+def _outcome(result: CheckResult) -> str:
+    return "pass" if result.ok else "pending" if result.pending else "fail"
 
 
 def _shown(pairs: Pairs) -> str | list[str]:

@@ -75,10 +75,14 @@ class ServiceConfig:
     ip_source: str = "--ip"  # why the address is this one: the start-up line says it
     publishing: Publishing = field(default_factory=Publishing)
     pairs: tuple[Pair, ...] = ()  # every key it writes, in every format; key is the first
+    # Set by a source of services other than the configuration: what the instance is (the
+    # agent matches a new set by it) and the fields that source adds to the record.
+    origin: str | None = None
+    extra: Mapping[str, str | list[str]] = field(default_factory=dict)
 
     @property
     def record(self) -> Record:
-        return Record(self.hostname, self.ip, self.port, self.meta)
+        return Record(self.hostname, self.ip, self.port, self.meta, self.extra)
 
     @property
     def worst_case_stale(self) -> float:
@@ -95,6 +99,22 @@ class ServiceConfig:
 
 
 @dataclass(frozen=True)
+class ContainerSettings:
+    """Where the container engine is and how its containers are announced (``--containers``)."""
+
+    engine: str = "/var/run/docker.sock"  # the API's unix socket
+    internal: bool = False  # announce the container's own address and port (registrator's -internal)
+    labelled_only: bool = False  # only containers that name their service in a label
+    allow_exec: bool = False  # exec: checks from labels (a container's labels run no command by default)
+    host_ip: str = "127.0.0.1"  # the advertised address, for ports published on every address
+    host_ip_source: str = "--ip"
+    # What every container instance takes its other settings from: the configuration's
+    # layers (flags, environment, file, conventions), as a [[services]] table would.
+    layers: tuple[Mapping[str, Any], ...] = field(default=(), compare=False, repr=False)
+    ambient: Any = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole process: its services, and what they share (etcd, one lease, one endpoint)."""
 
@@ -106,6 +126,7 @@ class Config:
     log_level: str = "info"
     metrics_address: tuple[str, int] | None = None
     event_loop: str = "auto"  # auto: uvloop where it is installed, else asyncio's own
+    containers: ContainerSettings | None = None  # None: no container engine is read
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -215,6 +236,21 @@ def _settings() -> tuple[Setting, ...]:
                 shown_default="none", commands=_RC),
         Setting("skydns_weight", integer, "SRV weight in the skydns value.", SERVICE, _NUMBER,
                 shown_default="none", commands=_RC),
+        Setting("containers", "", "Register every running container that publishes a TCP port, read "
+                "from the container engine's API (Docker, podman).", PROCESS, (bool, str), "off",
+                restart="containers", commands=_RC, switch=True),
+        Setting("container_engine", "URL", "The container engine's API socket.", PROCESS,
+                shown_default="$DOCKER_HOST, unix:///var/run/docker.sock", restart="containers",
+                commands=_RC),
+        Setting("container_address", "published|internal", "Announce a container's published host port "
+                "(on the advertised address, or the address it is published on), or its own address and "
+                "port.", PROCESS, shown_default="published", restart="containers", commands=_RC),
+        Setting("container_select", "all|labelled", "Register every container, or only those that name "
+                "their service in a label (announcer.service, SERVICE_NAME).", PROCESS,
+                shown_default="all", restart="containers", commands=_RC),
+        Setting("container_exec_checks", "on|off", "Run exec: checks given in containers' labels (they run "
+                "on this host, as announcer's user).", PROCESS, shown_default="off", restart="containers",
+                commands=_RC),
         Setting("checks", "SPEC", "Health check, repeatable; all must pass. Kinds: {kinds}. 'http', "
                 "'tcp', 'grpc' alone mean the announced ip:port; {ip} and {port} are filled in.",
                 SERVICE, (list, str), shown_default=DEFAULT_CHECK, commands=_RC, repeatable=True,

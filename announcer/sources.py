@@ -90,7 +90,14 @@ def _check_table(
             raise ConfigError(f"config file {path}: {where}{name} must be {wanted}, got {shown(value)}")
 
 
-_TYPE_NAMES = {str: "a string", int: "a whole number", float: "a number", dict: "a table", list: "a list"}
+_TYPE_NAMES = {
+    str: "a string",
+    int: "a whole number",
+    float: "a number",
+    dict: "a table",
+    list: "a list",
+    bool: "true or false",
+}
 
 
 def env_layer(env: Mapping[str, str]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ class CheckResult:
     ok: bool
     detail: str
     duration: float = 0.0
+    pending: bool = False  # no verdict yet (a HEALTHCHECK still starting): the round counts for nothing
 
 
 @runtime_checkable

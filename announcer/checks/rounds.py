@@ -29,12 +29,12 @@ async def run_check(check: Check, timeout: float) -> CheckResult:
         return CheckResult(False, f"timed out after {timeout:g}s", time.perf_counter() - started)
     except Exception as exc:  # noqa: BLE001 - any failure of a check is a failed check
         detail = describe(exc)
-        ok = False
+        ok, pending = False, False
     else:
-        ok, detail = result.ok, result.detail
+        ok, detail, pending = result.ok, result.detail, result.pending
     # A check may name the secrets it holds; none of them may reach a detail.
     detail = scrub(detail, getattr(check, "secrets", ()))
-    return CheckResult(ok, detail, time.perf_counter() - started)
+    return CheckResult(ok, detail, time.perf_counter() - started, pending)
 
 
 async def run_round(checks: list[Check], timeout: float) -> list[CheckResult]:

@@ -29,11 +29,12 @@ from typing import Generic, TypeVar
 import structlog
 
 from announcer.errors import LeaseNotFound
-from announcer.registrar.store import Store, WatchEvent, Write
+from announcer.registrar.store import KeyValue, Store, WatchEvent, Write
 
 __all__ = ["TXN_BATCH", "Closed", "Kept", "Registrar", "Store", "Synced", "WatchEvent", "Write"]
 
 log = structlog.get_logger("announcer.registrar")
+SWEEP_PAGE = 500  # records a sweep reads at once: well inside the client's bound on one answer
 TXN_BATCH = 64  # operations per transaction: etcd refuses more than --max-txn-ops (128 by default)
 Owner = TypeVar("Owner", bound=Hashable)
 
@@ -82,7 +83,7 @@ class Registrar(Generic[Owner]):
         self._clock = clock
         self._confirmed = 0.0  # when the lease was last known alive (the send time of its answer)
         # The books. What the process wants, by key; what is known to sit on our lease; keys
-        # whose put was sent without an answer (they may sit there); keys another lease
+        # written without an answer (they may sit there, or not); keys another lease
         # holds while we want them (its lease, and the value we wanted then).
         self._wanted: dict[str, bytes] = {}
         self._owner: dict[str, Owner] = {}
@@ -115,7 +116,7 @@ class Registrar(Generic[Owner]):
 
     @property
     def held(self) -> tuple[str, ...]:
-        """Every key that may sit on our lease: placed, or put without an answer yet."""
+        """Every key that may sit on our lease: placed, or written without an answer."""
         return tuple(dict.fromkeys([*self._placed, *self._sent]))
 
     def holder(self, key: str) -> int | None:
@@ -239,6 +240,38 @@ class Registrar(Generic[Owner]):
         self._displaced.pop(key, None)
         return current.lease
 
+    async def sweep(
+        self, prefix: str, doomed: Callable[[KeyValue], list[str] | None]
+    ) -> list[tuple[str, int]]:
+        """Remove records another lease left under ``prefix`` that ``doomed`` names: (key, lease) each.
+
+        ``doomed`` gets each record on another lease and names the keys to remove with it
+        (the record's own first), or None. The record is removed guarded on its
+        mod_revision, the others only while they sit on the same lease, each guarded on its
+        own: nothing rewritten meanwhile, and nothing of a live agent, is ever deleted.
+        """
+        removed: list[tuple[str, int]] = []
+        after: str | None = None
+        while True:
+            _, page, more = await self.store.list_prefix(prefix, SWEEP_PAGE, start=after)
+            for kv in page:
+                if kv.lease in (0, self.lease):
+                    continue
+                keys = doomed(kv)
+                if not keys:
+                    continue
+                if await self.store.delete_if_revision(kv.key.decode("utf-8", "replace"), kv.mod_revision):
+                    removed.append((kv.key.decode("utf-8", "replace"), kv.lease))
+                for key in keys[1:]:
+                    other = await self.store.get(key, keys_only=True)
+                    if other is None or other.lease != kv.lease:
+                        continue
+                    if await self.store.delete_if_revision(key, other.mod_revision):
+                        removed.append((key, kv.lease))
+            if not more or not page:
+                return removed
+            after = page[-1].key.decode("utf-8", "replace") + "\0"
+
     async def withdraw_all(self) -> tuple[str, ...]:
         """Delete every record that may sit on our lease, TXN_BATCH a request; the keys deleted."""
         keys = list(self.held)
@@ -295,14 +328,27 @@ class Registrar(Generic[Owner]):
 
     async def _write(self, writes: list[Write]) -> tuple[int, list[bool]]:
         lease = await self._ensure_lease()
-        self._sent.update(write.key for write in writes if write.is_put)
         try:
-            return lease, await self.store.write(writes, lease)
+            return lease, await self._send(writes, lease)
         except LeaseNotFound:
             self._lost(lease)
             lease = await self._ensure_lease()
-            self._sent.update(write.key for write in writes if write.is_put)
-            return lease, await self.store.write(writes, lease)
+            return lease, await self._send(writes, lease)
+
+    async def _send(self, writes: list[Write], lease: int) -> list[bool]:
+        self._sent.update(write.key for write in writes if write.is_put)
+        try:
+            return await self.store.write(writes, lease)
+        except LeaseNotFound:
+            raise  # an answer: nothing was written
+        except BaseException:
+            # No answer (a timeout, a hang-up, a cancel): each write may have landed or not,
+            # so the books may not stay sure of any of these keys. The next sync puts what is
+            # wanted (guarded: one already in place costs nothing) and deletes what is not.
+            for write in writes:
+                self._placed.pop(write.key, None)
+                self._sent.add(write.key)
+            raise
 
     def _settle(self, owner: Owner, write: Write) -> None:
         """The books after a write was answered: one place, for puts and deletes alike."""

@@ -300,11 +300,14 @@ class EtcdClient:
 
         return await self._call("range", "/v3/kv/txn", {"success": ops}, parse)
 
-    async def list_prefix(self, prefix: str, limit: int = LIST_LIMIT) -> tuple[int, list[KeyValue], bool]:
-        """Every key under ``prefix`` with its value, sorted: (revision, key-values, more left)."""
+    async def list_prefix(
+        self, prefix: str, limit: int = LIST_LIMIT, *, start: str | None = None
+    ) -> tuple[int, list[KeyValue], bool]:
+        """Every key under ``prefix`` (from ``start`` on) with its value, sorted:
+        (revision, key-values, more left)."""
         body = {
-            "key": _b64(prefix), "range_end": _b64(prefix_end(prefix)), "limit": str(limit),
-            "sort_order": "ASCEND", "sort_target": "KEY",
+            "key": _b64(start if start is not None else prefix), "range_end": _b64(prefix_end(prefix)),
+            "limit": str(limit), "sort_order": "ASCEND", "sort_target": "KEY",
         }  # fmt: skip
 
         def parse(answer: dict[str, Any], endpoint: str) -> tuple[int, list[KeyValue], bool]:

@@ -77,5 +77,10 @@ class Store(Protocol):
         WatchCompacted when ``start_revision`` is gone), and the caller reads, then watches again.
         """
 
+    async def list_prefix(
+        self, prefix: str, limit: int = ..., *, start: str | None = None
+    ) -> tuple[int, list[KeyValue], bool]:
+        """Keys under ``prefix`` (from ``start`` on), with values, sorted: (revision, found, more left)."""
+
     async def delete_if_revision(self, key: str, revision: int) -> bool:
         """Delete ``key`` only while its mod_revision is ``revision``; True when deleted."""
