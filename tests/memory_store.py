@@ -6,7 +6,9 @@ etcd alike, so the two cannot drift. The registrar on top of it is the real one.
 
 Leases really expire: a lease not kept alive within its TTL (by ``clock``, which a
 test may pass) is gone with every key on it, as in etcd. ``fail`` queues errors for
-the next calls; ``latency`` makes every written key cost that long, like a slow fsync.
+the next calls; ``lose_answers`` queues errors the next writes raise after they landed
+(etcd applied the transaction, its answer never came); ``latency`` makes every written
+key cost that long, like a slow fsync.
 Every change is kept with its revision, so a watch replays from any revision and then
 follows; ``break_watches`` ends every open stream with an error, as a restart would.
 """
@@ -40,6 +42,7 @@ class MemoryStore:
         self.calls: list[str] = []
         self._next_lease = 100
         self._failures: list[Exception] = []
+        self._lost_answers: list[Exception] = []
         self.history: list[tuple[int, WatchEvent]] = []
         self.compacted = 0  # watches from this revision or before fail with WatchCompacted
         self._streams: list[asyncio.Queue[list[WatchEvent] | Exception]] = []
@@ -49,6 +52,10 @@ class MemoryStore:
     def fail(self, *errors: Exception) -> None:
         """The next calls raise these, one each."""
         self._failures.extend(errors)
+
+    def lose_answers(self, *errors: Exception) -> None:
+        """The next writes land, then raise these, one each."""
+        self._lost_answers.extend(errors)
 
     def expire(self, lease: int | None = None) -> None:
         """A lease runs out now (every lease, when none is named), and every key on it goes."""
@@ -151,6 +158,8 @@ class MemoryStore:
         if events:
             self.revision = revision
             self._changed(events)
+        if self._lost_answers:
+            raise self._lost_answers.pop(0)
         return happened
 
     async def read_keys(self, keys: Sequence[str]) -> tuple[int, list[KeyValue | None]]:
@@ -181,6 +190,14 @@ class MemoryStore:
     async def get(self, key: str, *, keys_only: bool = False) -> KeyValue | None:
         await self._call("range")
         return self._kv(key, keys_only)
+
+    async def list_prefix(
+        self, prefix: str, limit: int = 5000, *, start: str | None = None
+    ) -> tuple[int, list[KeyValue], bool]:
+        await self._call("range")
+        keys = sorted(k for k in self.data if k.startswith(prefix) and (start is None or k >= start))
+        found = [kv for kv in (self._kv(k, False) for k in keys[:limit]) if kv is not None]
+        return self.revision, found, len(keys) > limit
 
     async def delete_if_revision(self, key: str, revision: int) -> bool:
         await self._call("remove_stale")

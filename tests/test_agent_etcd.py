@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from structlog.testing import capture_logs
@@ -148,8 +149,8 @@ async def test_a_restarted_etcd_is_read_then_watched_again_without_a_write(
     async with running(agent_config(etcd.url, http_service.port, ttl="30")) as agent:
         await eventually(lambda: etcd.get(key) is not None and agent.watch.open, what="announce")
         written = etcd.get(key)["mod_revision"]  # type: ignore[index]
-        etcd.stop()
-        etcd.start()  # same data: the lease and the record survive a restart
+        await asyncio.to_thread(etcd.stop)
+        await asyncio.to_thread(etcd.start)  # same data: the lease and the record survive a restart
         await eventually(
             lambda: agent.watch.opened == 2 and agent.watch.open, timeout=10, what="watched again"
         )
@@ -189,7 +190,7 @@ async def test_etcd_killed_and_restarted_empty(etcd: EtcdServer, http_service: H
             await eventually(
                 lambda: agent.status.rounds >= rounds + 5, what="checks go on while etcd is down"
             )
-            etcd.start()
+            await asyncio.to_thread(etcd.start)
             await eventually(lambda: etcd.get(key) is not None, timeout=8, what="announced again")
             await eventually(lambda: agent.status.etcd_reachable is True, what="etcd seen back")
         kv = etcd.get(key)

@@ -11,17 +11,20 @@ the program again. Lines that cannot run here are listed in SKIPPED with the rea
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shlex
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import trustme
 
+from tests.fake_engine import docker_container, fake_engine, published
 from tests.servers import HttpService
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,6 +144,25 @@ def rewritten(text: str, files: dict[str, Path], port: int) -> str:
     return re.sub(r"(--port[ =])\d+", rf"\g<1>{port}", text)
 
 
+def docker_engine(tmp_path: Path, port: int) -> str:
+    """A fake Docker engine (tests/fake_engine.py) in a thread of its own, for this test's run."""
+    path = tmp_path / "docker.sock"
+    ready = threading.Event()
+
+    async def serve() -> None:
+        async with fake_engine(path) as engine:
+            doc = docker_container(
+                "ab" * 32, "web", ports=published(80, port), labels={"announcer.service": "web"}
+            )
+            engine.add(doc, announce=False)
+            ready.set()
+            await asyncio.Event().wait()
+
+    threading.Thread(target=asyncio.run, args=(serve(),), daemon=True).start()
+    assert ready.wait(10)
+    return f"unix://{path}"
+
+
 def run_check(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     # {ip} is always loopback here: without --ip the default route's address would be checked.
     full_env = {**os.environ, "ANNOUNCER_IP": "127.0.0.1", "ANNOUNCER_LOG_FORMAT": "json", **(env or {})}
@@ -177,8 +199,12 @@ def test_every_command_line_runs(
         host_file = tmp_path / "host.toml"
         host_file.write_text(rewritten(toml.text, files, http_service.port))
         args[args.index("--config") + 1] = str(host_file)
-    # A unit gives the service name in its environment (ANNOUNCER_SERVICE=apache).
-    result = run_check(args, env={"ANNOUNCER_SERVICE": "apache"})
+    # A unit gives the service name in its environment (ANNOUNCER_SERVICE=apache); the
+    # container examples read a fake engine whose one container publishes the test's service.
+    env = {"ANNOUNCER_SERVICE": "apache"}
+    if "--containers" in args:
+        env = {"DOCKER_HOST": docker_engine(tmp_path, http_service.port)}
+    result = run_check(args, env=env)
     if args == ["--version"]:
         assert result.stdout.startswith("announcer "), result
         return

@@ -37,6 +37,7 @@ from tests.servers import (
     announcer_process,
     b64,
     free_port,
+    proc_stat,
     wait_until,
 )
 from tests.test_process import StderrLog, agent_args
@@ -372,11 +373,8 @@ def _zombies() -> int:
     me, count = str(os.getpid()), 0
     for name in _pids():
         if name.isdigit():
-            try:
-                fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] == "Z" and fields[1] == me:
+            fields = proc_stat(Path(f"/proc/{name}/stat"))
+            if fields is not None and fields[0] == "Z" and fields[1] == me:
                 count += 1
     return count
 

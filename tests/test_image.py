@@ -11,10 +11,14 @@ from pathlib import Path
 import pytest
 
 from tests.servers import EtcdServer, HttpService, require, wait_until
+from tests.test_containers_podman import PodmanApi
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = "localhost/bookworm-python3:latest"  # made by scripts/make-image-base.sh
 IMAGE = "localhost/announcer:test"
+# podman starting containers loads the whole machine in bursts: test.sh runs these tests in a
+# pass of their own, so the short-TTL tests beside them are not starved.
+pytestmark = pytest.mark.engine
 
 
 def podman(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -67,3 +71,33 @@ def test_the_image_runs_as_the_sidekick_and_stops_cleanly(
         assert etcd.get(key) is None  # withdrawn on the SIGTERM podman stop sent
     finally:
         podman("rm", "--force", name, check=False)
+
+
+@pytest.mark.slow
+def test_the_image_registers_the_hosts_containers(image: str, etcd: EtcdServer, tmp_path: Path) -> None:
+    """`--containers` in the image, the engine's socket mounted read-only; the image's non-root
+    user reaches it as the docs tell: the socket's group given to it with --group-add (podman's
+    socket is root's, mode 0600: the test gives it a group, as Docker's `docker` group is)."""
+    api = PodmanApi(tmp_path / "engine.sock")
+    api.start()
+    name = f"announcer-containers-{os.getpid()}"
+    group = "10099"
+    try:
+        os.chown(api.socket, 0, int(group))
+        api.socket.chmod(0o660)
+        podman("run", "-d", "--name", name, "--network", "host", "--group-add", group,
+               "-v", f"{api.socket}:/var/run/docker.sock:ro", image,
+               "--containers", "--ip", "127.0.0.1", "--etcd-endpoints", etcd.url,
+               "--interval", "0.5", "--timeout", "0.3")  # fmt: skip
+        web, port = api.run("--label", "announcer.service=web")
+        key = f"/services/web/127.0.0.1:{port}"
+        wait_until(lambda: etcd.get(key) is not None, 60, "the container announced by the image")
+        assert etcd.value(key)["source"] == "containers"
+        podman("stop", "-t", "0", web)
+        wait_until(lambda: etcd.get(key) is None, 10, "withdrawn at its stop")
+        podman("stop", "--time", "20", name)
+        assert json.loads(podman("inspect", name).stdout)[0]["State"]["ExitCode"] == 0
+    finally:
+        podman("rm", "--force", name, check=False)
+        api.stop()
+        api.remove_all()

@@ -103,6 +103,9 @@ class Run:
             # removes a record on another lease too (it names this instance, which is down).
             self.foreign = None
 
+    # The member steps stop and start etcd synchronously, on the agent's own loop: each random
+    # step is one discrete fault whose end state the agent then meets (in a thread, the agent
+    # met the outage's members going down one by one, a different run than the seed names).
     async def member_fault(self, rng: random.Random) -> None:
         if self.impaired is not None:
             member, kind = self.impaired

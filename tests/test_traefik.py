@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent_helpers import agent_config, eventually, running
+from tests.agent_helpers import agent_config, eventually, in_thread, running
 from tests.servers import EtcdServer, HttpService, announcer_process
 from tests.traefik import ClientLoop, EchoServer, Traefik
 
@@ -57,10 +57,14 @@ async def test_an_announced_instance_is_routed_and_a_killed_one_is_not(
     traefik.route_http("web")
     a, b = backends["A"], backends["B"]
     async with running(web_config(etcd, a.port)), running(web_config(etcd, b.port)):
-        await eventually(lambda: set(traefik.bodies(10)) == {"A", "B"}, timeout=20, what="both routed")
+        await eventually(
+            in_thread(lambda: set(traefik.bodies(10)) == {"A", "B"}), timeout=20, what="both routed", poll=0.1
+        )
         a.close()  # the service dies; its sidekick withdraws after --fall rounds
         await eventually(lambda: servers(etcd) == [f"node-1-{b.port}/url"], what="A's key withdrawn")
-        await eventually(lambda: traefik.bodies(20) == {"B": 20}, timeout=20, what="Traefik drops A")
+        await eventually(
+            in_thread(lambda: traefik.bodies(20) == {"B": 20}), timeout=20, what="Traefik drops A", poll=0.1
+        )
 
 
 def sidekick(etcd: EtcdServer, service: HttpService) -> list[str]:
@@ -148,7 +152,12 @@ async def test_maintenance_drains_an_instance_from_traefik(
             routed = len(client.failures)
             flag.touch()
             await eventually(lambda: servers(etcd) == [f"node-1-{b.port}/url"], what="A withdrawn")
-            await eventually(lambda: traefik.bodies(10) == {"B": 10}, timeout=20, what="Traefik drains A")
+            await eventually(
+                in_thread(lambda: traefik.bodies(10) == {"B": 10}),
+                timeout=20,
+                what="Traefik drains A",
+                poll=0.1,
+            )
             drained = client.answers["A"]
             start = client.answers["B"]
             await eventually(lambda: client.answers["B"] >= start + 50, timeout=20, what="50 more answers")
@@ -171,7 +180,12 @@ async def test_a_tcp_service_through_a_traefik_tcp_router(etcd: EtcdServer, trae
         async with running(config):
             await eventually(lambda: etcd.get(key) is not None, what="announced")
             assert etcd.get(key)["value"] == f"127.0.0.1:{echo.port}"  # type: ignore[index]
-            await eventually(lambda: _exchange(traefik) == b"A:ping", timeout=20, what="routed over TCP")
+            await eventually(
+                in_thread(lambda: _exchange(traefik) == b"A:ping"),
+                timeout=20,
+                what="routed over TCP",
+                poll=0.1,
+            )
             echo.close()
             await eventually(lambda: etcd.get(key) is None, what="withdrawn after the service died")
     finally:
