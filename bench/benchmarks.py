@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.containers import containers
 from bench.cost import cost, imports, launch, memory
 from bench.harness import (
     ROOT,
@@ -137,7 +138,7 @@ def detection(mode: Mode) -> Rows:
 
 def noise(mode: Mode) -> Rows:
     """etcd revisions and watch events per instance-hour while nothing changes."""
-    window = 20.0 if mode.quick else 120.0
+    window = 6.0 if mode.quick else 120.0  # quick: three of the loop's passes
     with etcd_and_service() as (etcd, service):
         cs = contenders(etcd, service, mode)
         try:
@@ -215,7 +216,7 @@ def shutdown(mode: Mode) -> Rows:
 
 def footprint(mode: Mode) -> Rows:
     """Memory and CPU of one agent against the loop, and what each probe costs."""
-    window = 15.0 if mode.quick else 90.0
+    window = 5.0 if mode.quick else 90.0
     rows: Rows = []
     with etcd_and_service() as (etcd, service):
         agents = {interval: start_announcer(etcd, service.port, "--interval", str(interval),
@@ -256,7 +257,7 @@ def footprint(mode: Mode) -> Rows:
 def _loop_footprint(etcd: Etcd, service: HttpService, mode: Mode) -> dict[str, Any]:
     # CPU per pass: run the loop with a short sleep and count its passes by its v2 writes;
     # the shell's reaped children (curl, etcdctl) are counted in its cutime/cstime.
-    burst = 5.0 if mode.quick else 20.0
+    burst = 2.0 if mode.quick else 20.0
     index_before = etcd.v2_index()
     loop = start_loop(etcd, service.port, sleep=0.25)
     time.sleep(burst)
@@ -618,6 +619,7 @@ BENCHMARKS: dict[str, Callable[[Mode], Rows]] = {
     "imports": imports,
     "traefik": traefik,
     "fleet": fleet,
+    "containers": containers,
 }
 
 

@@ -95,7 +95,7 @@ def _go_prober(workdir: Path) -> Path | None:
 
 def cost(mode: Any) -> Rows:
     """CPU per probe and RSS of announcer against the floor prober, per check kind, in one run."""
-    window = 10.0 if mode.quick else 60.0
+    window = 4.0 if mode.quick else 60.0
     with etcd_and_service() as (etcd, service), workspace() as tmp:
         kinds: dict[str, tuple[str, str]] = {
             "http": (f"http://127.0.0.1:{service.port}/", f"127.0.0.1:{service.port}"),
@@ -205,7 +205,7 @@ def _at_rate(spent: dict[str, float], rss: dict[str, float], window: float) -> R
 
 def memory(mode: Any) -> Rows:
     """RSS one second after start and after the window: metrics off, metrics on and scraped, the floor."""
-    window = 10.0 if mode.quick else 60.0
+    window = 4.0 if mode.quick else 60.0
     with etcd_and_service() as (etcd, service):
         metrics_port = free_port()
         agents = {

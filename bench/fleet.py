@@ -168,8 +168,19 @@ class RequestRate:
             self._stop.wait(0.2)
 
     def between(self, start: float, end: float) -> tuple[float, float]:
-        """(requests/s on average, the busiest whole second's requests) between two times."""
-        inside = [(t, n) for t, n in self._samples if start <= t <= end]
+        """(requests/s on average, the busiest whole second's requests) between two times.
+
+        The samples just outside the window count too: a short window (the wiped cluster's
+        records can all be back in under a second) on a loaded machine may hold fewer than two
+        samples of its own, and its rate would be NaN."""
+        with contextlib.suppress(TimeoutError):  # the sample after the window, if one comes
+            wait_for(
+                lambda: bool(self._samples) and self._samples[-1][0] > end, 5, "a sample after", poll=0.05
+            )
+        samples = list(self._samples)
+        before = [sample for sample in samples if sample[0] < start][-1:]
+        after = [sample for sample in samples if sample[0] > end][:1]
+        inside = before + [(t, n) for t, n in samples if start <= t <= end] + after
         if len(inside) < 2:
             return float("nan"), float("nan")
         average = (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
