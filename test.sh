@@ -28,11 +28,26 @@ fi
 if [ $# -gt 0 ]; then  # the tests asked for, as asked
   exec .venv/bin/python -m pytest -n "${ANNOUNCER_TEST_WORKERS:-4}" --dist worksteal "$@"
 fi
+# A pass, and what failed in it once more, alone: the suite runs real processes against
+# sub-second deadlines on two cores, where a test can lose to the machine. A test that passes
+# alone is printed as flaky (as CPython's regrtest -w does: its first failure stays in the log
+# above, to be found and fixed); one that fails again fails the run. Only test failures are run
+# again (pytest's exit code 1), never an error of the run itself.
+pass_with_second_chance() {
+  local rc=0
+  .venv/bin/python -m pytest "$@" || rc=$?
+  [ "$rc" -eq 1 ] || return "$rc"
+  echo "test.sh: FLAKY? the failed tests of this pass, once more, one at a time:" >&2
+  .venv/bin/python -m pytest -p no:xdist --last-failed --last-failed-no-failures none -v \
+    -m "$(marker "$@")"
+  echo "test.sh: FLAKY: the tests above failed in the pass and passed alone" >&2
+}
+marker() { while [ $# -gt 1 ]; do [ "$1" = -m ] && { echo "$2"; return; }; shift; done; }
 # The tests that drive podman (real containers, the image build) load the whole machine in
 # bursts; they run in a pass of their own, after the rest, so that the short-TTL tests are
 # never starved beside them.
 # The loop-sensitive tests run on both event loops in this pass, as [asyncio] and [uvloop]
 # runs of each (tests/conftest.py).
-.venv/bin/python -m pytest -n "${ANNOUNCER_TEST_WORKERS:-4}" --dist worksteal -m "not engine" --durations=12
+pass_with_second_chance -n "${ANNOUNCER_TEST_WORKERS:-4}" --dist worksteal -m "not engine" --durations=12
 # One worker a file: the image's tests share one build, the containers' run beside it.
-.venv/bin/python -m pytest -n 2 --dist loadfile -m engine --durations=9
+pass_with_second_chance -n 2 --dist loadfile -m engine --durations=9
