@@ -9,8 +9,8 @@ need=()
 command -v podman >/dev/null || need+=(podman runc)
 command -v debootstrap >/dev/null || need+=(debootstrap)
 if [ ${#need[@]} -gt 0 ]; then
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
+  apt-get -o Acquire::Retries=3 update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get -o Acquire::Retries=3 install -y -qq --no-install-recommends "${need[@]}"
 fi
 mkdir -p /etc/containers
 if ! grep -qs 'default_ulimits = \[\]' /etc/containers/containers.conf; then
@@ -22,8 +22,14 @@ if podman image exists "$BASE"; then
 fi
 root=$(mktemp -d /var/tmp/bookworm-base.XXXXXX)
 trap 'rm -rf "$root"' EXIT
-debootstrap --variant=minbase bookworm "$root" http://deb.debian.org/debian >/dev/null
-chroot "$root" sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+# The mirror is the network's: a failed fetch is tried again (three times) on a clean root.
+for try in 1 2 3; do
+  debootstrap --variant=minbase bookworm "$root" http://deb.debian.org/debian >/dev/null && break
+  [ "$try" -lt 3 ] || { echo "make-image-base: debootstrap failed three times" >&2; exit 1; }
+  echo "make-image-base: debootstrap failed (try $try), again in 10 s" >&2
+  rm -rf "$root" && mkdir -p "$root" && sleep 10
+done
+chroot "$root" sh -c 'apt-get -o Acquire::Retries=3 update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o Acquire::Retries=3 install -y -qq \
   --no-install-recommends python3 python3-venv python3-pip ca-certificates >/dev/null && apt-get clean'
 tar -C "$root" -c . | podman import - "$BASE" >/dev/null
 echo "image base made: $BASE"
