@@ -24,7 +24,7 @@ from announcer import settings
 from announcer.agent import Agent
 from announcer.checks import CheckResult
 from announcer.checks.rounds import run_round
-from announcer.entry import early_stop
+from announcer.entry import STOPS, early_stop, release_stops
 from announcer.errors import ConfigError
 from announcer.http import EndpointServer, bind
 from announcer.metrics import Metrics
@@ -36,13 +36,12 @@ from announcer.settings import Config, ServiceConfig
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
 log = structlog.get_logger("announcer")
 
-# What each catchable signal does. Stop: withdraw, drain, revoke, exit 0 (a second one
+# What each catchable signal does. Stop (entry.STOPS): withdraw, drain, revoke, exit 0 (a second one
 # exits at once with 128+N). SIGHUP reloads the configuration; SIGUSR1 logs the state.
 # Every other signal that would kill the process by default is ignored, so a stray
 # `kill -USR2` or an alarm can never drop the record without a withdraw. The signals of
 # a real fault (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT, SIGSYS, SIGTRAP) keep their
 # default: the process is broken, and the lease TTL removes the record.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 IGNORED_SIGNALS = (
     signal.SIGUSR2, signal.SIGALRM, signal.SIGPIPE, signal.SIGVTALRM, signal.SIGPROF,
     signal.SIGIO, signal.SIGPWR, signal.SIGXCPU, signal.SIGXFSZ, signal.SIGSTKFLT,
@@ -144,16 +143,20 @@ async def _serve(agent: Agent, metrics: Metrics, reload: Loader | None) -> None:
         metrics.reloads.labels("applied").inc()
         agent.apply(keep_process_settings(agent.config, new))
 
-    for signum in STOP_SIGNALS:
-        loop.add_signal_handler(signum, on_stop, signum)
     loop.add_signal_handler(signal.SIGHUP, on_reload)
     loop.add_signal_handler(signal.SIGUSR1, lambda: log.info("state", **agent.describe()))
     for signum in IGNORED_SIGNALS:
         loop.add_signal_handler(signum, _ignore, signum)  # a handler, not SIG_IGN: checks inherit no change
-    early = early_stop()  # caught by the entry point before these handlers were in place
-    if early is not None:
-        on_stop(early)
+    listen_for_stops(loop, on_stop)
     await agent.serve(stop.wait())
+
+
+def listen_for_stops(loop: asyncio.AbstractEventLoop, on_stop: Callable[[int], None]) -> None:
+    """``on_stop(signum)`` for each stop signal, from now on; one held since the entry point
+    (it came while announcer started) arrives now, once, like any other."""
+    for signum in sorted(STOPS):
+        loop.add_signal_handler(signum, on_stop, signum)
+    release_stops()
 
 
 def _ignore(signum: int) -> None:
