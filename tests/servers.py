@@ -452,12 +452,14 @@ class PartitionProxy:
     """A TCP proxy in front of one etcd member that can black-hole all traffic.
 
     While partitioned, connections stay open (and new ones are accepted) but no byte
-    gets through either way: from the agent's side, etcd simply stops answering.
+    gets through either way: from the agent's side, etcd simply stops answering. While
+    ``answers_lost``, requests reach etcd (and are carried out) but no answer comes back.
     """
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
         self.partitioned = threading.Event()
+        self.answers_lost = threading.Event()
         self._stop = threading.Event()
         self._listener = socket.socket()
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -486,13 +488,14 @@ class PartitionProxy:
                 client.close()
                 continue
             self._sockets += [client, upstream]
-            for source, target in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(source, target), daemon=True).start()
+            for source, target, answers in ((client, upstream, False), (upstream, client, True)):
+                threading.Thread(target=self._pump, args=(source, target, answers), daemon=True).start()
 
-    def _pump(self, source: socket.socket, target: socket.socket) -> None:
+    def _pump(self, source: socket.socket, target: socket.socket, answers: bool) -> None:
         try:
             while data := source.recv(65536):
-                if not self.partitioned.is_set():  # partitioned: the bytes vanish
+                lost = self.partitioned.is_set() or (answers and self.answers_lost.is_set())
+                if not lost:  # partitioned (or an answer, while answers are lost): the bytes vanish
                     target.sendall(data)
         except OSError:
             pass

@@ -178,6 +178,24 @@ async def test_maintenance_withdraws_and_its_end_announces_again(tmp_path: Path)
         await eventually(lambda: store.value(key) is not None, what="announced again")
 
 
+async def test_a_late_put_of_a_withdrawn_record_is_removed(tmp_path: Path) -> None:
+    # A put etcd carries out late (a frozen member, thawed after the withdraw that followed
+    # it; seen on a loaded machine) brings the record back on our lease while the service is
+    # withdrawn: the watch sees it, and it goes again, before anyone reads it for long.
+    registrar, store = memory_registrar(ttl=30)
+    flag = tmp_path / "maintenance"
+    async with agent_on(registrar, maintenance_file=str(flag)) as (agent, _):
+        await eventually(lambda: agent.registered and agent.watch.open, what="announced and watched")
+        key, value = agent.services[0].config.key, store.value(agent.services[0].config.key)
+        flag.touch()
+        await eventually(lambda: store.value(key) is None, what="withdrawn for maintenance")
+        assert registrar.lease is not None
+        store.put(key, value or b"late", lease=registrar.lease)
+        await eventually(lambda: store.value(key) is None, timeout=5, what="the late put removed")
+        flag.unlink()
+        await eventually(lambda: store.value(key) is not None, what="announced again")
+
+
 async def test_flap_damping_holds_back_an_announcement_past_the_limit() -> None:
     registrar, store = memory_registrar()
     async with agent_on(registrar, flap_limit="1/60") as (agent, _):

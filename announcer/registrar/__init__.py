@@ -90,6 +90,9 @@ class Registrar(Generic[Owner]):
         self._placed: dict[str, bytes] = {}
         self._sent: set[str] = set()
         self._displaced: dict[str, tuple[int, bytes]] = {}
+        # Keys a watch saw put on our lease that nobody wants: a put etcd carried out late
+        # (a frozen or overloaded member, after the delete that followed it). No owner's.
+        self._strays: set[str] = set()
 
     # -- what we know --------------------------------------------------------
 
@@ -135,6 +138,7 @@ class Registrar(Generic[Owner]):
         """
         self._wanted = {key: value for pairs in wanted.values() for key, value in pairs.items()}
         owners = {key: owner for owner, pairs in wanted.items() for key in pairs}
+        await self._remove_strays()
         for key, (_, value) in list(self._displaced.items()):
             if key in self._wanted and self._wanted[key] != value:  # a new announcement takes it over
                 del self._displaced[key]
@@ -171,12 +175,18 @@ class Registrar(Generic[Owner]):
 
     def observe(self, events: Iterable[WatchEvent]) -> tuple[str, ...]:
         """The keys a watch saw change that need a look: a record of ours deleted, a key we
-        want taken by another lease. Our own writes, and keys nobody wants, need none."""
+        want taken by another lease, a key nobody wants put on our lease (a late write, removed
+        by the next sync). Our own writes need none; each key's newest event decides."""
         lease = self.lease
         suspects: list[str] = []
-        for event in events:
-            key = event.kv.key.decode("utf-8", "replace")
-            if key not in self._wanted or lease is None:
+        newest = {event.kv.key.decode("utf-8", "replace"): event for event in events}
+        for key, event in newest.items():
+            if lease is None:
+                break
+            if key not in self._wanted:
+                if event.kind == "PUT" and event.kv.lease == lease and key not in self.held:
+                    self._strays.add(key)
+                    suspects.append(key)
                 continue
             if event.kind == "DELETE":
                 if key in self._placed or key in self._displaced:
@@ -375,6 +385,20 @@ class Registrar(Generic[Owner]):
                 )  # fmt: skip
         return self.lease
 
+    async def _remove_strays(self) -> None:
+        """Delete the strays nobody wants again, each only while on our lease (guarded)."""
+        self._strays.difference_update(self._wanted)
+        lease, strays = self.lease, sorted(self._strays)
+        if lease is None:
+            self._strays.clear()  # no lease: nothing of ours is there
+            return
+        for start in range(0, len(strays), TXN_BATCH):
+            batch = strays[start : start + TXN_BATCH]
+            removed = await self.store.write([Write(key, None) for key in batch], lease)
+            self._strays.difference_update(batch)
+            for key in (key for key, gone in zip(batch, removed, strict=True) if gone):
+                log.info("removed a late write of ours that nobody wants", key=key)
+
     def _lost(self, lease: int) -> int:
         """The lease is gone, and every record on it: said once, with how many went."""
         if self.lease != lease:
@@ -390,4 +414,5 @@ class Registrar(Generic[Owner]):
             self._ttl = None
             self._placed.clear()
             self._sent.clear()
+            self._strays.clear()
             self.lease_changed.set()
