@@ -6,8 +6,10 @@ Everything runs on 127.0.0.1, on free ports, and is stopped by its PID.
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import os
+import random
 import signal
 import socket
 import statistics
@@ -28,8 +30,38 @@ ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def _ephemeral_floor() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_EPHEMERAL_FLOOR = _ephemeral_floor()
+_PORTS = random.Random()  # its own: hypothesis seeds the global one alike in every worker
+_GIVEN: collections.deque[int] = collections.deque(maxlen=256)  # handed out, maybe not bound yet
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A free loopback port for a server, from below the kernel's ephemeral range.
+
+    A test that stops a server and starts it again on its ports (etcd, mostly) must find
+    them free: a port from the ephemeral range (what bind(0) gives) can meanwhile become
+    some client's outgoing source port (CI saw etcd's peer port taken so, "address already
+    in use"). Ports below that range are never handed out that way.
+    """
+    for _ in range(200):
+        port = _PORTS.randrange(20000, max(20001, _EPHEMERAL_FLOOR))
+        if port in _GIVEN:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN.append(port)
+        return port
+    with socket.socket() as sock:  # that range is full: any port at all
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 

@@ -25,18 +25,14 @@ from typing import Any
 import httpx
 import pytest
 
+from bench.harness import free_port
+
 
 def require(reason: str) -> None:
     """A missing real server: a failure under ANNOUNCER_REQUIRE_SERVICES=1, else a skip."""
     if os.environ.get("ANNOUNCER_REQUIRE_SERVICES") == "1":
         pytest.fail(f"required service missing: {reason}")
     pytest.skip(reason)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:

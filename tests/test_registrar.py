@@ -195,7 +195,7 @@ async def test_an_unanswered_put_is_still_withdrawn(etcd_any: EtcdServer) -> Non
     # carried a put out after it was thawed, after the delete that was meant to follow it:
     # the agent's watch sees such a late put; this registrar alone cannot.)
     proxy = PartitionProxy(etcd_any.client_port)
-    client = EtcdClient(EtcdSettings(endpoints=(proxy.url,), timeout=1, discovery=False))
+    client = EtcdClient(EtcdSettings(endpoints=(proxy.url,), timeout=2, discovery=False))
     try:
         registrar: Registrar[str] = Registrar(client, ttl=10)
         await synced(registrar, {"a": {KEY: VALUE}})
