@@ -184,7 +184,8 @@ class Registrar(Generic[Owner]):
             if lease is None:
                 break
             if key not in self._wanted:
-                if event.kind == "PUT" and event.kv.lease == lease and key not in self.held:
+                ours = event.kind == "PUT" and event.kv.lease == lease
+                if ours and key not in self._placed and key not in self._sent:  # the books say gone
                     self._strays.add(key)
                     suspects.append(key)
                 continue
