@@ -429,8 +429,10 @@ class Agent:
             else:
                 delay = None if renew_at is None else max(0.0, renew_at - time.monotonic())
             await _wait(self.registrar.lease_changed, delay)
-            if self.registrar.lease_changed.is_set() and retry is None:
-                continue  # granted or lost meanwhile: schedule from the new lease
+            if self.registrar.lease_changed.is_set():
+                self.metrics.lease_ttl.set(self.registrar.ttl or 0)  # granted (etcd's TTL), or lost
+                if retry is None:
+                    continue  # schedule from the new lease
             retry = None
             try:
                 kept = await self.registrar.keepalive()

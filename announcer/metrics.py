@@ -196,7 +196,9 @@ class Metrics:
         )  # fmt: skip
         self.etcd_up = new.Gauge("announcer_etcd_reachable", "1 while etcd answers")
         self.lease_grants = new.Counter("announcer_lease_grants", "Leases granted")
-        self.lease_ttl = new.Gauge("announcer_lease_ttl_seconds", "TTL etcd reported at the last keepalive")
+        self.lease_ttl = new.Gauge(
+            "announcer_lease_ttl_seconds", "TTL etcd reported at the lease's grant, then at each keepalive"
+        )
         self._last_keepalive: float | None = None
         new.Gauge(
             "announcer_lease_keepalive_age_seconds",

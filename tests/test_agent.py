@@ -321,6 +321,16 @@ async def test_reload_keeps_replaces_and_removes_services(tmp_path: Path) -> Non
 # -- the watch: another client's change seen at once, a steady state silent ---------------------
 
 
+async def test_the_lease_ttl_is_shown_from_the_grant() -> None:
+    # etcd's TTL is known from the grant: the gauge says it before the first keepalive (10 s
+    # away here). It used to stay 0 until then, and CI scraped that 0 across an etcd restart.
+    registrar, _ = memory_registrar(ttl=30)
+    async with agent_on(registrar) as (agent, _):
+        await eventually(lambda: agent.registered, what="announced")
+        await eventually(lambda: sample(agent, "announcer_lease_ttl_seconds") == 30, what="the TTL shown")
+        assert registrar.store.calls.count("keepalive") == 0  # type: ignore[attr-defined]
+
+
 async def test_a_steady_state_asks_nothing_and_the_watch_puts_back_a_deleted_record() -> None:
     registrar, store = memory_registrar(ttl=30)  # the keepalive is 10 s away: nothing else is due
     async with agent_on(registrar) as (agent, _):
