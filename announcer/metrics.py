@@ -199,10 +199,10 @@ class Metrics:
         self.lease_ttl = new.Gauge(
             "announcer_lease_ttl_seconds", "TTL etcd reported at the lease's grant, then at each keepalive"
         )
-        self._last_keepalive: float | None = None
+        self._confirmed: float | None = None  # when etcd last said the lease lives
         new.Gauge(
             "announcer_lease_keepalive_age_seconds",
-            "Seconds since the last successful lease keepalive (-1: none yet)",
+            "Seconds since etcd last confirmed the lease: its grant or a keepalive (-1: no lease yet)",
         ).set_function(self._keepalive_age)
 
     def for_service(self, service: str, key: str) -> ServiceMetrics:
@@ -213,12 +213,12 @@ class Metrics:
         self.etcd_requests.labels(operation, outcome).inc()
         if operation != "watch":  # a stream's life is no request's duration
             self.etcd_duration.labels(operation).observe(seconds)
-        if operation == "keepalive" and outcome == "ok":
-            self._last_keepalive = time.monotonic()
+        if operation in ("keepalive", "lease_grant") and outcome == "ok":
+            self._confirmed = time.monotonic()  # a grant confirms the lease as a keepalive does
         if operation == "lease_grant" and outcome == "ok":
             self.lease_grants.inc()
 
     def _keepalive_age(self) -> float:
-        if self._last_keepalive is None:
+        if self._confirmed is None:
             return -1.0
-        return time.monotonic() - self._last_keepalive
+        return time.monotonic() - self._confirmed

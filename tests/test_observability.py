@@ -94,6 +94,23 @@ async def test_metrics_follow_service_and_etcd(etcd: EtcdServer, http_service: H
         assert 0 <= value(m, "announcer_lease_keepalive_age_seconds") < 3  # type: ignore[operator]
 
 
+def test_the_lease_is_confirmed_by_its_grant_before_any_keepalive() -> None:
+    # A keepalive comes TTL/3 after the grant: until then the age counts from the grant,
+    # which etcd answered just as it answers a keepalive. It said -1 ("none yet") there, and
+    # a fresh-clone CI run scraped that -1 after an etcd restart.
+    metrics = Metrics(process=False)
+    assert sample(metrics, "announcer_lease_keepalive_age_seconds") == -1  # no lease yet
+    metrics.observe_etcd("lease_grant", "ok", 0.01)
+    assert 0 <= sample(metrics, "announcer_lease_keepalive_age_seconds") < 5
+    metrics.observe_etcd("keepalive", "unavailable", 0.5)  # a failure confirms nothing
+    metrics.observe_etcd("keepalive", "ok", 0.01)
+    assert 0 <= sample(metrics, "announcer_lease_keepalive_age_seconds") < 5
+
+
+def sample(metrics: Metrics, name: str) -> float | None:
+    return metrics.registry.get_sample_value(name)
+
+
 async def test_healthz_and_routes(etcd: EtcdServer, http_service: HttpService) -> None:
     listen = bind(("127.0.0.1", 0))
     base = f"http://127.0.0.1:{listen.getsockname()[1]}"
