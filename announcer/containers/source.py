@@ -59,7 +59,7 @@ class EngineHealth:
 
     def __init__(self, source: ContainerSource, container: str) -> None:
         self._source = source
-        self._container = container
+        self._container = container  # the full ID
 
     async def __call__(self) -> CheckResult:
         lost = self._source.unreachable_for()
@@ -91,8 +91,8 @@ class ContainerSource:
 
     # -- what the checks ask -------------------------------------------------------
 
-    def health(self, short: str) -> str | None:
-        found = next((c for cid, c in self._containers.items() if cid.startswith(short)), None)
+    def health(self, cid: str) -> str | None:
+        found = self._containers.get(cid)  # by full ID: one lookup per check, not a scan
         return None if found is None else found.health
 
     def unreachable_for(self) -> float | None:
@@ -294,7 +294,7 @@ class ContainerSource:
                 self._say(cid, f"{where}: {exc}; the port is skipped")
                 continue
             if each.healthcheck:
-                svc = dataclasses.replace(svc, checks=(EngineHealth(self, each.container),))
+                svc = dataclasses.replace(svc, checks=(EngineHealth(self, cid),))
             if cid in self._seen:
                 built.append(svc)
                 continue
