@@ -146,14 +146,20 @@ def _load(flags: Mapping[str, Any], env: Mapping[str, str], ambient: Ambient) ->
         containers=containers,
     )
     if containers is not None:  # the settings every container instance takes: checked now, not per container
-        from announcer.containers.labels import Wanted  # noqa: PLC0415 - only with --containers
-
-        probe = Wanted.bare("0" * 12, "probe", containers.host_ip, 1)
         try:
-            container_service(config, probe)
+            container_probe(config)
         except ConfigError as exc:
             raise ConfigError(f"for --containers: {exc}") from None
     return config
+
+
+def container_probe(config: Config) -> ServiceConfig:
+    """What any container instance of this configuration is like (its formats, its host);
+    ConfigError when the settings every container instance takes are bad."""
+    from announcer.containers.labels import Wanted  # noqa: PLC0415 - only with --containers
+
+    assert config.containers is not None
+    return container_service(config, Wanted.bare("0" * 12, "probe", config.containers.host_ip, 1))
 
 
 def _containers(layers: list[Layer], ambient: Ambient, env: Mapping[str, str]) -> ContainerSettings:

@@ -30,7 +30,7 @@ import structlog
 
 from announcer.backoff import Backoff
 from announcer.checks import CheckResult
-from announcer.config import container_service
+from announcer.config import container_probe, container_service
 from announcer.containers.engine import Engine, EngineError
 from announcer.containers.labels import Container, Wanted, describe, instances
 from announcer.errors import ConfigError, EtcdError
@@ -339,10 +339,9 @@ class ContainerSource:
             return
 
     def _probe(self) -> ServiceConfig | None:
-        """What any container instance of this configuration looks like (its formats, its host)."""
         try:
-            return container_service(self.config, Wanted.bare("0" * 12, "probe", self.settings.host_ip, 1))
-        except ConfigError:
+            return container_probe(self.config)
+        except ConfigError:  # refused at start-up already: not reached
             return None
 
     def _doomed(self, kv: KeyValue, hostname: str) -> list[str] | None:
