@@ -188,9 +188,8 @@ class Agent:
                 log.info("service removed by a reload", key=svc.config.key)
             else:
                 log.info("container gone: withdrawing", key=svc.config.key, origin=svc.config.origin)
-        self.services = kept + [
-            s for s in self.services if s not in kept
-        ]  # retired ones stay until withdrawn
+        staying = {id(s) for s in kept}  # by identity, in one pass: a host may run 1,000 containers
+        self.services = kept + [s for s in self.services if id(s) not in staying]  # retired: until withdrawn
         if self._group is not None:
             self._extra_loops = [t for t in self._extra_loops if not t.done()]
             self._extra_loops += [self._start_checks(svc, 0, now=True) for svc in added]
