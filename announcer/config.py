@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import re
 import socket
 import ssl
 from collections.abc import Callable, Mapping
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from announcer.checks import build_check
 from announcer.convert import (
+    SERVICE_NAME,
     address,
     check_entries,
     choice,
@@ -62,7 +62,6 @@ LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 EVENT_LOOPS = ("auto", "asyncio")
 CONTAINER_ADDRESSES = ("published", "internal")
-SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 TTL_LIMIT = 9_000_000_000  # etcd's own maximum lease TTL
 
 Layer = Mapping[str, Any]

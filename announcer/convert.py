@@ -30,6 +30,10 @@ SHORTHANDS = {
 }
 
 
+# A service name: what consumers read as one path segment or DNS label (config and labels alike).
+SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
 def text(name: str, value: Any, limit: int = TEXT_LIMIT) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"{flag(name)} must be a non-empty string, got {shown(value)}")

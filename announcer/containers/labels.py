@@ -27,10 +27,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from announcer.convert import SERVICE_NAME
+
 LABEL = "announcer."
 FALSE = frozenset({"false", "0", "no", "off"})
-_SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _NOT_IN_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+_NAMING = re.compile(r"^(announcer\.(\d+\.)?service|SERVICE_(\d+_)?NAME)$")  # a label naming the service
 LABELS_LIMIT = 1000  # labels (and environment entries) read from one container
 TEXT_LIMIT = 4096
 
@@ -216,8 +218,7 @@ def image_name(image: str) -> str:
 
 def labelled(c: Container) -> bool:
     """The container names its service itself (the opt-in mode registers only these)."""
-    names = re.compile(r"^(announcer\.(\d+\.)?service|SERVICE_(\d+_)?NAME)$")
-    return any(names.match(key) for key in [*c.labels, *c.env])
+    return any(_NAMING.match(key) for key in [*c.labels, *c.env])
 
 
 def instances(
@@ -294,7 +295,7 @@ def _wanted(
             service = f"{service}-{port.container_port}"
         if not service:
             raise LabelError(f"no service name (the image {c.image!r} gives none): set announcer.service")
-    elif not _SERVICE_NAME.match(service):
+    elif not SERVICE_NAME.match(service):
         raise LabelError(f"the service name {service[:80]!r} may hold only letters, digits, '.', '_' and '-'")
     if internal:
         if c.ip is None:
